@@ -1,0 +1,1 @@
+"""The embeddable Trio job client: drive a queen from any Trio program."""

@@ -1,0 +1,1 @@
+"""`rbee-hive`: see DESIGN.md and the README."""

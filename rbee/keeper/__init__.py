@@ -1,0 +1,1 @@
+"""`rbee-keeper`: see DESIGN.md and the README."""

@@ -1,0 +1,148 @@
+"""The typed values that travel in rbee's streams.
+
+Every event is a frozen, slotted dataclass with a class-level ``type`` (the SSE ``event:``
+name and the ``"type"`` key of the JSON form). ``DONE`` marks the end of a stream.
+The codec modules (``sse``, ``jsonlines``) turn these into bytes and back; nothing here
+does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+#: The value types allowed in ``NarrationEvent.extra``.
+ExtraValue = str | int | float | bool | None
+
+LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class NarrationEvent:
+    """What a component tells the user about what it is doing.
+
+    ``extra`` holds free numeric/string fields (``bytes_done``, ``tokens_out``,
+    ``duration_ms`` ...); on the wire they sit beside the named fields.
+    """
+
+    type: ClassVar[str] = "narration"
+
+    actor: str
+    action: str
+    target: str = ""
+    human: str = ""
+    cute: str | None = None
+    story: str | None = None
+    level: str = "info"
+    job_id: str | None = None
+    correlation_id: str | None = None
+    worker_id: str | None = None
+    node: str | None = None
+    ts_ms: int | None = None
+    extra: Mapping[str, ExtraValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A request began; the first event of an inference stream."""
+
+    type: ClassVar[str] = "started"
+
+    job_id: str | None = None
+    worker_id: str | None = None
+    model: str | None = None
+    ts_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One piece of generated text (always whole UTF-8 characters); ``i`` counts from 0."""
+
+    type: ClassVar[str] = "token"
+
+    t: str
+    i: int
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Timing of one request, sent once just before ``End``."""
+
+    type: ClassVar[str] = "metrics"
+
+    prompt_tokens: int = 0
+    tokens_out: int = 0
+    prefill_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    decode_time_ms: float = 0.0
+    tokens_per_sec: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The request finished; ``stop_reason`` is max_tokens|stop_sequence|eos|cancelled."""
+
+    type: ClassVar[str] = "end"
+
+    tokens_out: int
+    decode_time_ms: float
+    tokens_per_sec: float
+    stop_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The request failed; ``code`` is a stable string, ``message`` names cause and fix."""
+
+    type: ClassVar[str] = "error"
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """Progress of something slow: a model load (layers) or a download (bytes)."""
+
+    type: ClassVar[str] = "loading"
+
+    stage: str = ""
+    layers_done: int | None = None
+    layers_total: int | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A worker finished loading and takes requests (or a download completed)."""
+
+    type: ClassVar[str] = "ready"
+
+    worker_id: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownEvent:
+    """An event type this version does not know; kept whole so nothing is lost."""
+
+    type: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The end-of-stream marker (``data: [DONE]`` on SSE)."""
+
+    type: ClassVar[str] = "done"
+
+
+DONE = Done()
+
+#: Every typed event class, by its wire ``type``.
+EVENT_TYPES: dict[str, type] = {
+    cls.type: cls for cls in (NarrationEvent, Started, Token, Metrics, End, Error, Loading, Ready)
+}
+
+Event = NarrationEvent | Started | Token | Metrics | End | Error | Loading | Ready | UnknownEvent | Done

@@ -1,0 +1,1 @@
+"""`queen-rbee`: see DESIGN.md and the README."""

@@ -1,0 +1,1 @@
+"""`llm-worker-rbee`: see DESIGN.md and the README."""
