@@ -1,0 +1,181 @@
+"""The keeper's narration renderer: events to display lines, pure (it never prints).
+
+``NarrationRenderer(mode).render(event)`` returns one line (no newline) or None when the
+event shows nothing in that mode. Modes:
+
+- ``human``: ``[actor] <emoji> human``; ``cute`` and ``story`` use the event's ``cute`` /
+  ``story`` text when it has one, else ``human``;
+- ``json``: the JSON-lines form of every event but tokens and the end marker;
+- ``quiet``: errors only (level ``error`` narration and ``Error`` events).
+
+Tokens, ``Started``, ``Metrics`` and the end marker render as nothing (the keeper prints
+the generated text itself). Download and load progress (narration with ``bytes_done`` /
+``bytes_total`` or ``layers_done`` / ``layers_total`` in ``extra``, and ``Loading``) renders
+as a bar, ``[model-provisioner] ⬇ gemma.gguf [#####-----] 52% 130.0/253.1 MB 41.2 MB/s``.
+The speed is ``extra["bytes_per_sec"]`` when given, else computed from the ``ts_ms`` and
+``bytes_done`` of the previous event of the same actor and target. Debug narration shows
+only with ``show_debug=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from . import jsonlines
+from .events import DONE, End, Error, Event, Loading, NarrationEvent, Ready, Token, UnknownEvent
+
+RENDER_MODES = ("human", "cute", "story", "json", "quiet")
+BAR_WIDTH = 10
+MEGABYTE = 1_000_000  # decimal, as download sizes are quoted
+
+_LEVEL_EMOJI = {"error": "❌", "warn": "⚠️", "debug": "🔍"}
+# First matching word of the action wins; the order puts specific words first.
+_ACTION_EMOJI = (
+    ("download", "⬇"),
+    ("stdout", "📄"),
+    ("bind", "🔌"),
+    ("ready", "✅"),
+    ("spawn", "🚀"),
+    ("load", "⏳"),
+    ("shutdown", "🛑"),
+    ("stop", "🛑"),
+    ("cancel", "🛑"),
+    ("infer", "💬"),
+    ("token", "💬"),
+    ("ssh", "🔐"),
+    ("preflight", "🧪"),
+    ("detect", "🔎"),
+    ("complete", "✅"),
+    ("done", "✅"),
+)
+_DEFAULT_EMOJI = "🐝"
+
+
+def emoji_for(level: str, action: str) -> str:
+    """The emoji of a narration line: by level for warn/error/debug, else by action."""
+    by_level = _LEVEL_EMOJI.get(level)
+    if by_level is not None:
+        return by_level
+    for word, emoji in _ACTION_EMOJI:
+        if word in action:
+            return emoji
+    return _DEFAULT_EMOJI
+
+
+def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """``[#####-----]`` for ``fraction`` in 0..1 (clamped)."""
+    filled = int(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / MEGABYTE:.1f}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class NarrationRenderer:
+    """Turns stream events into display lines for one ``mode`` of ``RENDER_MODES``."""
+
+    def __init__(self, mode: str = "human", *, show_debug: bool = False) -> None:
+        if mode not in RENDER_MODES:
+            raise ValueError(f"narration mode must be one of {RENDER_MODES}, not {mode!r}")
+        self.mode = mode
+        self.show_debug = show_debug
+        # (actor, target) -> (ts_ms, bytes_done) of the last progress event, for the speed.
+        self._last_progress: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def render(self, event: Event) -> str | None:
+        """One display line for ``event``, or None to show nothing."""
+        if type(event) is Token or event is DONE:
+            return None
+        if self.mode == "json":
+            return jsonlines.encode(event).decode("utf-8").rstrip("\n")
+        if self.mode == "quiet":
+            if type(event) is Error or (type(event) is NarrationEvent and event.level == "error"):
+                return self._render_human(event)
+            return None
+        return self._render_human(event)
+
+    def _render_human(self, event: Event) -> str | None:
+        kind = type(event)
+        if kind is NarrationEvent:
+            return self._render_narration(event)
+        if kind is Loading:
+            return self._render_loading(event)
+        if kind is Error:
+            return f"[error] ❌ {event.code}: {event.message}"
+        if kind is End:
+            return (
+                f"[end] 🏁 {event.tokens_out} tokens in {event.decode_time_ms / 1000:.2f} s "
+                f"({event.tokens_per_sec:.1f} tok/s), {event.stop_reason}"
+            )
+        if kind is Ready:
+            where = f" at {event.url}" if event.url else ""
+            who = event.worker_id or "worker"
+            return f"[{who}] ✅ ready{where}"
+        if kind is UnknownEvent:
+            return None
+        return None  # Started, Metrics: nothing to say
+
+    def _render_narration(self, event: NarrationEvent) -> str | None:
+        if event.level == "debug" and not self.show_debug:
+            return None
+        bar = self._progress(event.actor, event.target, event.ts_ms, event.extra)
+        emoji = emoji_for(event.level, event.action)
+        if bar is not None:
+            what = event.target or event.action
+            return f"[{event.actor}] {emoji} {what} {bar}"
+        text = event.human
+        if self.mode == "cute" and event.cute:
+            text = event.cute
+        elif self.mode == "story" and event.story:
+            text = event.story
+        return f"[{event.actor}] {emoji} {text}"
+
+    def _render_loading(self, event: Loading) -> str:
+        extra = {
+            "bytes_done": event.bytes_done,
+            "bytes_total": event.bytes_total,
+            "layers_done": event.layers_done,
+            "layers_total": event.layers_total,
+        }
+        bar = self._progress("loading", event.stage, None, extra)
+        emoji = "⬇" if event.bytes_done is not None else "⏳"
+        return f"[loading] {emoji} {event.stage or 'model'} {bar or ''}".rstrip()
+
+    def _progress(
+        self, actor: str, target: str, ts_ms: int | None, extra: Mapping[str, Any]
+    ) -> str | None:
+        done, total = extra.get("bytes_done"), extra.get("bytes_total")
+        if _is_number(done):
+            parts = []
+            if _is_number(total) and total > 0:
+                parts += [progress_bar(done / total), f"{int(done * 100 // total)}%"]
+                parts.append(f"{_megabytes(done)}/{_megabytes(total)} MB")
+            else:
+                parts.append(f"{_megabytes(done)} MB")
+            speed = self._speed(actor, target, ts_ms, done, extra.get("bytes_per_sec"))
+            if speed is not None:
+                parts.append(f"{_megabytes(speed)} MB/s")
+            return " ".join(parts)
+        done, total = extra.get("layers_done"), extra.get("layers_total")
+        if _is_number(done) and _is_number(total) and total > 0:
+            return f"{progress_bar(done / total)} {done}/{total} layers"
+        return None
+
+    def _speed(
+        self, actor: str, target: str, ts_ms: int | None, done: float, given: Any
+    ) -> float | None:
+        if _is_number(given):
+            return float(given)
+        if ts_ms is None:
+            return None
+        key = (actor, target)
+        previous = self._last_progress.get(key)
+        self._last_progress[key] = (ts_ms, done)
+        if previous is None or ts_ms <= previous[0] or done < previous[1]:
+            return None
+        return (done - previous[1]) * 1000 / (ts_ms - previous[0])
