@@ -1,0 +1,555 @@
+/*
+ * rbee_core.c: rbee's native token loop over llama.cpp (see rbee_core.h for the API).
+ *
+ * Every llama call's result is checked and mapped to an RBEE_STATUS_*; every function
+ * that allocates frees in one place (a single `done:` exit), never at each early return.
+ */
+#include "rbee_core.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "ggml.h"
+#include "rbee_internal.h"
+
+/* ---- process-wide runtime: backend init once, llama.cpp logs captured ----------------- */
+
+static pthread_once_t runtime_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t last_error_lock = PTHREAD_MUTEX_INITIALIZER;
+static char last_error[512];
+static int last_level;
+static bool log_to_stderr;
+
+/* llama.cpp logs a lot on load; keep only the first error since the last clear (the
+ * root cause: later lines only say that the load failed) to put in the exception message,
+ * unless RBEE_NATIVE_LOG is set, then pass everything through to stderr. */
+static bool capturing; /* appending CONT lines to the captured error */
+
+static void runtime_log(enum ggml_log_level level, const char * text, void * user_data) {
+    (void) user_data;
+    if (log_to_stderr) {
+        fputs(text, stderr);
+    }
+    pthread_mutex_lock(&last_error_lock);
+    if (level == GGML_LOG_LEVEL_CONT) {
+        level = (enum ggml_log_level) last_level;
+    } else {
+        last_level = level;
+        capturing = false;
+    }
+    size_t used = strlen(last_error);
+    if (level == GGML_LOG_LEVEL_ERROR && (used == 0 || capturing)) {
+        snprintf(last_error + used, sizeof(last_error) - used, "%s", text);
+        capturing = true;
+    }
+    pthread_mutex_unlock(&last_error_lock);
+}
+
+static void runtime_init_once(void) {
+    const char * env = getenv("RBEE_NATIVE_LOG");
+    log_to_stderr = env != NULL && env[0] != '\0' && strcmp(env, "0") != 0;
+    llama_log_set(runtime_log, NULL);
+    llama_backend_init();
+}
+
+static void runtime_init(void) { pthread_once(&runtime_once, runtime_init_once); }
+
+const char * rbee_last_error(void) {
+    /* Strip the trailing newline llama.cpp puts on each line. */
+    pthread_mutex_lock(&last_error_lock);
+    size_t n = strlen(last_error);
+    while (n > 0 && (last_error[n - 1] == '\n' || last_error[n - 1] == ' ')) {
+        last_error[--n] = '\0';
+    }
+    pthread_mutex_unlock(&last_error_lock);
+    return last_error;
+}
+
+void rbee_clear_last_error(void) {
+    pthread_mutex_lock(&last_error_lock);
+    last_error[0] = '\0';
+    capturing = false;
+    pthread_mutex_unlock(&last_error_lock);
+}
+
+const char * rbee_status_name(rbee_status status) {
+    switch (status) {
+        case RBEE_STATUS_OK: return "RBEE_STATUS_OK";
+        case RBEE_STATUS_INVALID_ARGUMENT: return "RBEE_STATUS_INVALID_ARGUMENT";
+        case RBEE_STATUS_OUT_OF_MEMORY: return "RBEE_STATUS_OUT_OF_MEMORY";
+        case RBEE_STATUS_BACKEND_UNAVAILABLE: return "RBEE_STATUS_BACKEND_UNAVAILABLE";
+        case RBEE_STATUS_MODEL_LOAD_FAILED: return "RBEE_STATUS_MODEL_LOAD_FAILED";
+        case RBEE_STATUS_CONTEXT_FAILED: return "RBEE_STATUS_CONTEXT_FAILED";
+        case RBEE_STATUS_NO_CHAT_TEMPLATE: return "RBEE_STATUS_NO_CHAT_TEMPLATE";
+        case RBEE_STATUS_TOKENIZE_FAILED: return "RBEE_STATUS_TOKENIZE_FAILED";
+        case RBEE_STATUS_PROMPT_TOO_LONG: return "RBEE_STATUS_PROMPT_TOO_LONG";
+        case RBEE_STATUS_SEQUENCE_BUSY: return "RBEE_STATUS_SEQUENCE_BUSY";
+        case RBEE_STATUS_SAMPLER_FAILED: return "RBEE_STATUS_SAMPLER_FAILED";
+        case RBEE_STATUS_MEMORY_FAILED: return "RBEE_STATUS_MEMORY_FAILED";
+        case RBEE_STATUS_DECODE_NO_SLOT: return "RBEE_STATUS_DECODE_NO_SLOT";
+        case RBEE_STATUS_DECODE_FAILED: return "RBEE_STATUS_DECODE_FAILED";
+        case RBEE_STATUS_CALLBACK_FAILED: return "RBEE_STATUS_CALLBACK_FAILED";
+    }
+    return "RBEE_STATUS_UNKNOWN";
+}
+
+double rbee_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec * 1e3 + (double) ts.tv_nsec / 1e6;
+}
+
+/* ---- build information ------------------------------------------------------------- */
+
+#ifndef RBEE_LLAMA_COMMIT
+#define RBEE_LLAMA_COMMIT "unknown"
+#endif
+#ifndef RBEE_LLAMA_CPP_PYTHON_VERSION
+#define RBEE_LLAMA_CPP_PYTHON_VERSION "unknown"
+#endif
+
+const char * rbee_llama_version(void) { return llama_version(); }
+const char * rbee_llama_commit(void) { return RBEE_LLAMA_COMMIT; }
+const char * rbee_llama_cpp_python_version(void) { return RBEE_LLAMA_CPP_PYTHON_VERSION; }
+
+const char * rbee_system_info(void) {
+    runtime_init();
+    return llama_print_system_info();
+}
+
+int32_t rbee_backend_count(void) {
+    runtime_init();
+    return (int32_t) ggml_backend_reg_count();
+}
+
+const char * rbee_backend_name(int32_t index) {
+    runtime_init();
+    if (index < 0 || (size_t) index >= ggml_backend_reg_count()) {
+        return NULL;
+    }
+    return ggml_backend_reg_name(ggml_backend_reg_get((size_t) index));
+}
+
+static ggml_backend_reg_t find_backend(const char * name) {
+    for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
+        ggml_backend_reg_t reg = ggml_backend_reg_get(i);
+        if (strcasecmp(ggml_backend_reg_name(reg), name) == 0) {
+            return reg;
+        }
+    }
+    return NULL;
+}
+
+int32_t rbee_backend_device_count(const char * backend_name) {
+    runtime_init();
+    if (backend_name == NULL) {
+        return -1;
+    }
+    ggml_backend_reg_t reg = find_backend(backend_name);
+    return reg == NULL ? -1 : (int32_t) ggml_backend_reg_dev_count(reg);
+}
+
+/* ---- abort flag --------------------------------------------------------------------- */
+
+struct rbee_abort_flag {
+    atomic_int value;
+};
+
+rbee_status rbee_abort_flag_create(rbee_abort_flag ** out) {
+    if (out == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    *out = calloc(1, sizeof(rbee_abort_flag));
+    if (*out == NULL) {
+        return RBEE_STATUS_OUT_OF_MEMORY;
+    }
+    atomic_init(&(*out)->value, 0);
+    return RBEE_STATUS_OK;
+}
+
+void rbee_abort_flag_free(rbee_abort_flag * flag) { free(flag); }
+
+void rbee_abort_flag_set(rbee_abort_flag * flag) {
+    if (flag != NULL) {
+        atomic_store_explicit(&flag->value, 1, memory_order_release);
+    }
+}
+
+void rbee_abort_flag_clear(rbee_abort_flag * flag) {
+    if (flag != NULL) {
+        atomic_store_explicit(&flag->value, 0, memory_order_release);
+    }
+}
+
+bool rbee_abort_flag_is_set(const rbee_abort_flag * flag) {
+    return flag != NULL && atomic_load_explicit(&((rbee_abort_flag *) flag)->value, memory_order_acquire) != 0;
+}
+
+/* ---- model -------------------------------------------------------------------------- */
+
+
+rbee_model_params rbee_model_default_params(void) {
+    rbee_model_params p = {.backend = "cpu", .device = 0, .n_gpu_layers = -1};
+    return p;
+}
+
+/* The ggml registry name for one of rbee's backend names. */
+static const char * registry_name(const char * backend) {
+    if (strcasecmp(backend, "cuda") == 0) return "CUDA";
+    if (strcasecmp(backend, "metal") == 0) return "MTL";
+    return NULL;
+}
+
+rbee_status rbee_model_load(const char * path, const rbee_model_params * params, rbee_model ** out) {
+    if (path == NULL || params == NULL || params->backend == NULL || out == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    *out = NULL;
+    runtime_init();
+    rbee_clear_last_error();
+
+    rbee_model * m = calloc(1, sizeof(rbee_model));
+    if (m == NULL) {
+        return RBEE_STATUS_OUT_OF_MEMORY;
+    }
+    rbee_status status = RBEE_STATUS_OK;
+    struct llama_model_params mp = llama_model_default_params();
+
+    if (strcasecmp(params->backend, "cpu") == 0) {
+        /* An empty device list keeps every layer (and the KV cache) on the CPU even in a
+         * CUDA/Metal build: "cpu" must mean CPU, not "whatever is there". */
+        m->devices[0] = NULL;
+        mp.devices = m->devices;
+        mp.n_gpu_layers = 0;
+    } else {
+        const char * reg_name = registry_name(params->backend);
+        ggml_backend_reg_t reg = reg_name == NULL ? NULL : find_backend(reg_name);
+        if (reg == NULL || params->device < 0 || (size_t) params->device >= ggml_backend_reg_dev_count(reg)) {
+            status = RBEE_STATUS_BACKEND_UNAVAILABLE;
+            goto done;
+        }
+        /* Exactly the one device asked for: no split across GPUs, no silent fallback. */
+        m->devices[0] = ggml_backend_reg_dev_get(reg, (size_t) params->device);
+        m->devices[1] = NULL;
+        mp.devices = m->devices;
+        mp.split_mode = LLAMA_SPLIT_MODE_NONE;
+        mp.main_gpu = 0; /* index into mp.devices */
+        mp.n_gpu_layers = params->n_gpu_layers;
+    }
+
+    m->model = llama_model_load_from_file(path, mp);
+    if (m->model == NULL) {
+        status = RBEE_STATUS_MODEL_LOAD_FAILED;
+        goto done;
+    }
+    m->vocab = llama_model_get_vocab(m->model);
+    if (m->vocab == NULL) {
+        status = RBEE_STATUS_MODEL_LOAD_FAILED;
+        goto done;
+    }
+    m->chat_template = llama_model_chat_template(m->model, NULL);
+    if (m->chat_template == NULL) {
+        /* Some GGUFs (the embedded Gemma-3 270M among them) carry no template. Fall back
+         * on llama.cpp's built-in one for the architecture, else ChatML, as llama-server
+         * does, rather than refusing chat. */
+        char arch[64] = "";
+        if (llama_model_meta_val_str(m->model, "general.architecture", arch, sizeof(arch)) < 0) {
+            arch[0] = '\0';
+        }
+        m->chat_template = strncmp(arch, "gemma", 5) == 0 ? "gemma" : "chatml";
+        m->chat_template_builtin = true;
+    }
+
+done:
+    if (status != RBEE_STATUS_OK) {
+        rbee_model_free(m);
+        return status;
+    }
+    *out = m;
+    return RBEE_STATUS_OK;
+}
+
+void rbee_model_free(rbee_model * model) {
+    if (model == NULL) {
+        return;
+    }
+    if (model->model != NULL) {
+        llama_model_free(model->model);
+    }
+    free(model);
+}
+
+rbee_status rbee_model_get_info(const rbee_model * model, rbee_model_info * out) {
+    if (model == NULL || out == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    memset(out, 0, sizeof(*out));
+    out->n_layers = llama_model_n_layer(model->model);
+    out->n_ctx_train = llama_model_n_ctx_train(model->model);
+    out->n_vocab = llama_vocab_n_tokens(model->vocab);
+    out->n_params = llama_model_n_params(model->model);
+    out->size_bytes = llama_model_size(model->model);
+    out->has_chat_template = !model->chat_template_builtin;
+    if (llama_model_desc(model->model, out->description, sizeof(out->description)) < 0) {
+        out->description[0] = '\0';
+    }
+    return RBEE_STATUS_OK;
+}
+
+/* Formats `text` as one user message of the model's chat template with the assistant
+ * prompt appended. On OK *out is a malloc'd NUL-terminated string owned by the caller. */
+static rbee_status apply_chat_template(const rbee_model * model, const char * text, int32_t text_len,
+                                       char ** out, int32_t * out_len) {
+    rbee_status status = RBEE_STATUS_OK;
+    char * content = NULL;
+    char * buf = NULL;
+    *out = NULL;
+    if (model->chat_template == NULL) {
+        return RBEE_STATUS_NO_CHAT_TEMPLATE;
+    }
+    content = malloc((size_t) text_len + 1); /* llama_chat_message wants a C string */
+    if (content == NULL) {
+        status = RBEE_STATUS_OUT_OF_MEMORY;
+        goto done;
+    }
+    memcpy(content, text, (size_t) text_len);
+    content[text_len] = '\0';
+    struct llama_chat_message message = {.role = "user", .content = content};
+
+    int32_t cap = 2 * text_len + 256;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        char * grown = realloc(buf, (size_t) cap + 1);
+        if (grown == NULL) {
+            status = RBEE_STATUS_OUT_OF_MEMORY;
+            goto done;
+        }
+        buf = grown;
+        int32_t n = llama_chat_apply_template(model->chat_template, &message, 1, true, buf, cap);
+        if (n < 0) {
+            status = RBEE_STATUS_NO_CHAT_TEMPLATE; /* a template llama.cpp does not know */
+            goto done;
+        }
+        if (n <= cap) {
+            buf[n] = '\0';
+            *out_len = n;
+            *out = buf;
+            buf = NULL;
+            goto done;
+        }
+        cap = n; /* too small: the return value is the size needed */
+    }
+    status = RBEE_STATUS_NO_CHAT_TEMPLATE;
+done:
+    free(content);
+    free(buf);
+    return status;
+}
+
+/* Tokenizes the request text (through the chat template when asked). On OK *tokens is a
+ * malloc'd array of *n_tokens tokens owned by the caller. */
+rbee_status rbee_tokenize_request(const rbee_model * model, const char * text, int32_t text_len, bool chat,
+                                    llama_token ** tokens, int32_t * n_tokens) {
+    rbee_status status = RBEE_STATUS_OK;
+    char * templated = NULL;
+    llama_token * buf = NULL;
+    *tokens = NULL;
+    *n_tokens = 0;
+    if (text == NULL && text_len > 0) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    if (chat) {
+        status = apply_chat_template(model, text == NULL ? "" : text, text_len, &templated, &text_len);
+        if (status != RBEE_STATUS_OK) {
+            goto done;
+        }
+        text = templated;
+    }
+    /* add_special: BOS exactly as the model's metadata asks; parse_special: control
+     * tokens written in the text (a chat template's <start_of_turn>) become tokens. */
+    int32_t cap = text_len + 8;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        llama_token * grown = realloc(buf, (size_t) cap * sizeof(llama_token));
+        if (grown == NULL) {
+            status = RBEE_STATUS_OUT_OF_MEMORY;
+            goto done;
+        }
+        buf = grown;
+        int32_t n = llama_tokenize(model->vocab, text == NULL ? "" : text, text_len, buf, cap, true, true);
+        if (n >= 0) {
+            *n_tokens = n;
+            break;
+        }
+        if (n == INT32_MIN || attempt == 1) {
+            status = RBEE_STATUS_TOKENIZE_FAILED;
+            goto done;
+        }
+        cap = -n; /* negative = the number of tokens needed */
+    }
+    /* A template that writes "<bos>" itself plus add_special would start with two. */
+    llama_token bos = llama_vocab_bos(model->vocab);
+    if (*n_tokens >= 2 && bos != LLAMA_TOKEN_NULL && buf[0] == bos && buf[1] == bos) {
+        memmove(buf, buf + 1, (size_t) (*n_tokens - 1) * sizeof(llama_token));
+        *n_tokens -= 1;
+    }
+    *tokens = buf;
+    buf = NULL;
+done:
+    free(templated);
+    free(buf);
+    return status;
+}
+
+rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text, int32_t text_len, bool chat,
+                                    int32_t * n_tokens_out) {
+    if (model == NULL || n_tokens_out == NULL || text_len < 0) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    llama_token * tokens = NULL;
+    rbee_status status = rbee_tokenize_request(model, text, text_len, chat, &tokens, n_tokens_out);
+    free(tokens);
+    return status;
+}
+
+/* ---- context ------------------------------------------------------------------------ */
+
+
+rbee_context_params rbee_context_default_params(void) {
+    rbee_context_params p = {.n_ctx = 4096, .n_batch = 512, .n_seq_max = 1, .n_threads = 4, .flash_attn = 0};
+    return p;
+}
+
+static bool context_abort_callback(void * data) {
+    rbee_context * ctx = data;
+    rbee_abort_flag * flag = atomic_load_explicit(&ctx->prefill_abort, memory_order_acquire);
+    return rbee_abort_flag_is_set(flag);
+}
+
+rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * params, rbee_context ** out) {
+    if (model == NULL || params == NULL || out == NULL || params->n_ctx == 0 || params->n_batch == 0 ||
+        params->n_seq_max == 0 || params->n_threads <= 0 || params->flash_attn < -1 || params->flash_attn > 1) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    *out = NULL;
+    rbee_clear_last_error();
+    rbee_status status = RBEE_STATUS_OK;
+    rbee_context * ctx = calloc(1, sizeof(rbee_context));
+    if (ctx == NULL) {
+        return RBEE_STATUS_OUT_OF_MEMORY;
+    }
+    ctx->model = model;
+    ctx->n_seq_max = params->n_seq_max;
+    atomic_init(&ctx->prefill_abort, NULL);
+    ctx->sequences = calloc(params->n_seq_max, sizeof(rbee_sequence *));
+    if (ctx->sequences == NULL) {
+        status = RBEE_STATUS_OUT_OF_MEMORY;
+        goto done;
+    }
+
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = params->n_ctx;
+    cp.n_batch = params->n_batch;
+    cp.n_ubatch = params->n_batch;
+    cp.n_seq_max = params->n_seq_max;
+    cp.n_threads = params->n_threads;
+    cp.n_threads_batch = params->n_threads;
+    cp.flash_attn_type = (enum llama_flash_attn_type) params->flash_attn;
+    cp.no_perf = true;
+    cp.abort_callback = context_abort_callback;
+    cp.abort_callback_data = ctx;
+    ctx->lctx = llama_init_from_model(model->model, cp);
+    if (ctx->lctx == NULL) {
+        status = RBEE_STATUS_CONTEXT_FAILED;
+        goto done;
+    }
+    ctx->n_batch = llama_n_batch(ctx->lctx);
+    ctx->n_ctx_seq = llama_n_ctx_seq(ctx->lctx);
+    ctx->batch = llama_batch_init((int32_t) ctx->n_batch, 0, 1);
+    if (ctx->batch.token == NULL || ctx->batch.seq_id == NULL) {
+        status = RBEE_STATUS_CONTEXT_FAILED;
+        goto done;
+    }
+    ctx->batch_allocated = true;
+
+done:
+    if (status != RBEE_STATUS_OK) {
+        rbee_context_free(ctx);
+        return status;
+    }
+    *out = ctx;
+    return RBEE_STATUS_OK;
+}
+
+void rbee_context_free(rbee_context * ctx) {
+    if (ctx == NULL) {
+        return;
+    }
+    if (ctx->batch_allocated) {
+        llama_batch_free(ctx->batch);
+    }
+    if (ctx->lctx != NULL) {
+        llama_free(ctx->lctx);
+    }
+    free(ctx->sequences);
+    free(ctx);
+}
+
+uint32_t rbee_context_n_ctx_seq(const rbee_context * ctx) { return ctx == NULL ? 0 : ctx->n_ctx_seq; }
+
+/* ---- sequence ----------------------------------------------------------------------- */
+
+
+rbee_status rbee_sequence_create(rbee_context * ctx, int32_t seq_id, rbee_sequence ** out) {
+    if (ctx == NULL || out == NULL || seq_id < 0 || (uint32_t) seq_id >= ctx->n_seq_max) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    *out = NULL;
+    if (ctx->sequences[seq_id] != NULL) {
+        return RBEE_STATUS_SEQUENCE_BUSY;
+    }
+    rbee_sequence * seq = calloc(1, sizeof(rbee_sequence));
+    if (seq == NULL) {
+        return RBEE_STATUS_OUT_OF_MEMORY;
+    }
+    seq->ctx = ctx;
+    seq->seq_id = seq_id;
+    seq->piece_cap = 64;
+    seq->piece = malloc((size_t) seq->piece_cap);
+    if (seq->piece == NULL) {
+        free(seq);
+        return RBEE_STATUS_OUT_OF_MEMORY;
+    }
+    rbee_text_stream_init(&seq->text);
+    ctx->sequences[seq_id] = seq;
+    *out = seq;
+    return RBEE_STATUS_OK;
+}
+
+void rbee_sequence_free(rbee_sequence * seq) {
+    if (seq == NULL) {
+        return;
+    }
+    if (seq->ctx->sequences[seq->seq_id] == seq) {
+        seq->ctx->sequences[seq->seq_id] = NULL;
+    }
+    if (seq->chain != NULL) {
+        llama_sampler_free(seq->chain);
+    }
+    rbee_text_stream_free(&seq->text);
+    free(seq->piece);
+    free(seq);
+}
+
+rbee_generate_params rbee_generate_default_params(void) {
+    rbee_generate_params p = {
+        .prompt = "", .prompt_len = 0, .chat = false, .max_tokens = 256, .temperature = 0.8f,
+        .top_p = 0.95f, .top_k = 40, .min_p = 0.05f, .repeat_penalty = 1.0f, .seed = LLAMA_DEFAULT_SEED,
+        .stop = NULL, .n_stop = 0, .abort = NULL, .notify_fd = -1,
+    };
+    return p;
+}
+

@@ -1,0 +1,354 @@
+"""The native engine on the real embedded Gemma-3 270M: correctness of the C token loop.
+
+Greedy output is compared with llama-cpp-python's (the same llama.cpp, through another
+binding): if the two agree token for token, our prefill, decode, sampling and
+detokenization are right, not just fast.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import llama_cpp
+import pytest
+import trio
+
+from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError
+from rbee.narration.events import Token
+from rbee.worker.engine import (
+    AbortFlag,
+    Engine,
+    GenerationResult,
+    SamplingParams,
+    available_backends,
+    native_build_info,
+    open_generation,
+)
+
+pytestmark = pytest.mark.model
+
+THREADS = 2
+N_CTX = 2048
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+# Longer than one prefill batch (512 tokens, llama-cpp-python's n_batch too).
+LONG_PROMPT = "A list of the things I saw on my walk today: " + ", ".join(f"item {n}" for n in range(110)) + ","
+# Found by trying prompts with greedy decoding: the model closes the JSON object and ends
+# the document (one "\n", then <eos>).
+EOS_PROMPT = '{"name": "John", "age": 30}'
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model: Path):
+    with Engine.load(embedded_model, n_ctx=N_CTX, n_threads=THREADS) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_model: Path):
+    """llama-cpp-python on the same file, context size and threads."""
+    llm = llama_cpp.Llama(str(embedded_model), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
+    yield llm
+    llm.close()
+
+
+def reference_text(llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> tuple[str, str]:
+    # reset(): llama-cpp-python otherwise keeps the previous prompt's matching prefix (the
+    # BOS) and evaluates a shorter batch, whose different rounding can flip a near-tie.
+    # Our loop always evaluates the whole prompt, as a fresh llama-cpp-python call does.
+    llm.reset()
+    choice = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["choices"][0]
+    return choice["text"], choice["finish_reason"]
+
+
+def run(engine: Engine, prompt: str, params: SamplingParams = GREEDY, **kwargs) -> tuple[list[tuple[int, str]], GenerationResult]:
+    pieces: list[tuple[int, str]] = []
+    result = engine.generate(prompt, params, on_token=lambda i, t: pieces.append((i, t)), **kwargs)
+    return pieces, result
+
+
+def text_of(pieces: list[tuple[int, str]]) -> str:
+    return "".join(t for _, t in pieces)
+
+
+def test_build_info_and_backends() -> None:
+    info = native_build_info()
+    assert info["llama_cpp_python"] == llama_cpp.__version__
+    assert info["backends"] == available_backends() and available_backends()[0] == "cpu"
+    assert len(info["llama_cpp_commit"]) == 40 and "AVX" in info["system_info"]
+
+
+def test_model_properties(engine: Engine, embedded_model: Path) -> None:
+    assert engine.model_path == embedded_model.resolve()
+    assert (engine.backend, engine.device, engine.n_ctx, engine.n_threads) == ("cpu", 0, N_CTX, THREADS)
+    assert engine.n_layers == 18 and 200_000_000 < engine.n_params < 300_000_000
+    assert 0 < engine.size_bytes <= embedded_model.stat().st_size and "gemma3" in engine.description
+
+
+@pytest.mark.parametrize("prompt", PROMPTS + [LONG_PROMPT])
+def test_greedy_output_matches_llama_cpp_python(engine: Engine, reference: llama_cpp.Llama, prompt: str) -> None:
+    expected, finish = reference_text(reference, prompt, GREEDY.max_tokens)
+    pieces, result = run(engine, prompt)
+    assert text_of(pieces) == expected
+    assert finish == "length" and result.stop_reason == "max_tokens"
+    assert [i for i, _ in pieces] == list(range(len(pieces))) and result.tokens_out == len(pieces)
+    assert result.prompt_tokens == engine.count_tokens(prompt) == len(reference.tokenize(prompt.encode()))
+    assert result.tokens_per_sec > 0 and 0 < result.prefill_ms <= result.time_to_first_token_ms
+    assert result.decode_time_ms > 0
+
+
+def test_stop_sequence_cuts_text_before_it_even_across_tokens(engine: Engine) -> None:
+    full = text_of(run(engine, PROMPTS[0])[0])
+    assert "country of France" in full  # " the capital of the country of France. ..."
+    # " of" and " France" are separate tokens: " of" must be held back until it is clear
+    # that " France" does (or does not) complete the stop string.
+    pieces, result = run(engine, PROMPTS[0], SamplingParams(max_tokens=32, temperature=0.0, stop=("of France", "zzz")))
+    assert result.stop_reason == "stop_sequence"
+    assert text_of(pieces) == full[: full.index("of France")]
+    assert result.tokens_out == len(pieces)
+
+
+def test_held_back_text_is_flushed_when_no_stop_follows(engine: Engine) -> None:
+    full = text_of(run(engine, PROMPTS[0])[0])
+    # "of Germany" shares a prefix with the text (" of"), which is held and then released.
+    pieces, result = run(engine, PROMPTS[0], SamplingParams(max_tokens=32, temperature=0.0, stop=("of Germany",)))
+    assert (text_of(pieces), result.stop_reason) == (full, "max_tokens")
+
+
+def test_end_of_generation_token_stops_with_eos(engine: Engine, reference: llama_cpp.Llama) -> None:
+    expected, finish = reference_text(reference, EOS_PROMPT, 64)
+    pieces, result = run(engine, EOS_PROMPT, SamplingParams(max_tokens=64, temperature=0.0))
+    assert (result.stop_reason, finish) == ("eos", "stop")
+    assert text_of(pieces) == expected and result.tokens_out == len(pieces) < 64
+
+
+def test_abort_stops_within_one_token_and_the_next_request_is_served(engine: Engine) -> None:
+    expected = text_of(run(engine, PROMPTS[2])[0])
+    abort = AbortFlag()
+    pieces: list[str] = []
+
+    def on_token(i: int, text: str) -> None:
+        pieces.append(text)
+        if i == 2:
+            abort.set()  # the loop must not decode (nor emit) anything after this
+
+    result = engine.generate(PROMPTS[2], GREEDY, on_token=on_token, abort=abort)
+    assert (result.stop_reason, result.tokens_out, len(pieces)) == ("cancelled", 3, 3)
+    again, result = run(engine, PROMPTS[2])
+    assert (text_of(again), result.stop_reason) == (expected, "max_tokens")
+
+
+def test_abort_from_another_thread_ends_decode_promptly(engine: Engine) -> None:
+    abort = AbortFlag()
+    seen = threading.Event()
+    t0 = time.monotonic()
+    set_at: list[float] = []
+
+    def cancel_soon() -> None:
+        seen.wait()
+        set_at.append(time.monotonic())
+        abort.set()
+
+    canceller = threading.Thread(target=cancel_soon)
+    canceller.start()
+    result = engine.generate(PROMPTS[1], SamplingParams(max_tokens=500, temperature=0.0),
+                             on_token=lambda i, t: seen.set(), abort=abort)
+    canceller.join()
+    per_token_s = result.decode_time_ms / 1e3 / max(1, result.tokens_out)
+    assert result.stop_reason == "cancelled" and result.tokens_out < 500
+    assert time.monotonic() - set_at[0] < 5 * per_token_s + 0.05, (per_token_s, t0)
+
+
+def test_abort_during_a_long_prefill_stops_it(engine: Engine) -> None:
+    prompt = "The history of the world is long. " * 100  # ~800 tokens, several prefill batches
+    _, full = run(engine, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    abort = AbortFlag()
+    timer = threading.Timer(0.02, abort.set)
+    timer.start()
+    _, cut = run(engine, prompt, SamplingParams(max_tokens=1, temperature=0.0), abort=abort)
+    timer.join()
+    assert (cut.stop_reason, cut.tokens_out) == ("cancelled", 0)
+    assert cut.prefill_ms < full.prefill_ms / 2  # llama.cpp gave up mid-batch
+    # An abort flag set before the call: nothing is decoded at all.
+    abort = AbortFlag()
+    abort.set()
+    assert run(engine, PROMPTS[0], abort=abort)[1].stop_reason == "cancelled"
+    assert text_of(run(engine, PROMPTS[0])[0]).startswith(" the capital of the country of France")
+
+
+def test_pieces_are_whole_utf8_characters(engine: Engine, reference: llama_cpp.Llama) -> None:
+    # Mathematical Fraktur letters are 4-byte characters the vocabulary spells with byte
+    # tokens, so whole characters only exist once several tokens are joined.
+    prompt = "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝔱𝔢𝔵𝔱: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝔱𝔢𝔵𝔱: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝔱𝔢𝔵𝔱:"
+    # llama-cpp-python's create_completion runs past max_tokens to finish a character, so
+    # the reference is its first 32 greedy tokens, joined as bytes, cut at the last whole one.
+    reference.reset()
+    tokens = []
+    for token in reference.generate(reference.tokenize(prompt.encode(), add_bos=True, special=True), temp=0.0):
+        tokens.append(token)
+        if len(tokens) == GREEDY.max_tokens:
+            break
+    expected = reference.detokenize(tokens).decode("utf-8", errors="ignore")
+    pieces, result = run(engine, prompt)
+    assert text_of(pieces) == expected
+    assert all(t and "\ufffd" not in t and t.encode("utf-8").decode("utf-8") == t for _, t in pieces)
+    assert any(ord(c) > 0xFFFF for _, t in pieces for c in t)
+    assert result.tokens_out < GREEDY.max_tokens  # several byte tokens became one piece
+
+    emoji, _ = run(engine, "Emoji for happy: 😀, sad: 😢, angry:")
+    assert any(ord(c) > 0xFFFF for _, t in emoji for c in t)
+
+
+def test_chat_template_is_applied(engine: Engine) -> None:
+    plain, chat = engine.count_tokens("hello"), engine.count_tokens("hello", chat=True)
+    assert chat > plain + 4  # <start_of_turn>user ... <end_of_turn> <start_of_turn>model
+    _, result = run(engine, "hello", SamplingParams(max_tokens=4, temperature=0.0), chat=True)
+    assert result.prompt_tokens == chat
+
+
+def test_sampling_with_seed_is_reproducible(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0.9, seed=42, repeat_penalty=1.1)
+    first, second = run(engine, PROMPTS[2], params)[0], run(engine, PROMPTS[2], params)[0]
+    assert text_of(first) == text_of(second) != ""
+
+
+def test_missing_and_corrupt_model_files_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.gguf"
+    with pytest.raises(ModelLoadError, match=str(missing)):
+        Engine.load(missing)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(ModelLoadError, match=str(garbage)):
+        Engine.load(garbage)
+    # Right magic, garbage after it: this failure comes from llama.cpp itself.
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    with pytest.raises(ModelLoadError, match=str(corrupt)) as caught:
+        Engine.load(corrupt)
+    assert "RBEE_STATUS_MODEL_LOAD_FAILED" in caught.value.message
+
+
+def test_missing_backend_fails_fast_naming_what_is_available(embedded_model: Path) -> None:
+    for backend in ("cuda", "metal", "vulkan"):
+        with pytest.raises(BackendUnavailableError, match="available: cpu"):
+            Engine.load(embedded_model, backend=backend)
+
+
+def test_invalid_requests_are_rejected_with_field_details(engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError) as too_long:
+        engine.generate("word " * 3000, GREEDY, on_token=lambda i, t: None)
+    assert too_long.value.details[0]["field"] == "max_tokens"
+    with pytest.raises(InvalidRequestError) as too_many:
+        engine.generate("hi", SamplingParams(max_tokens=N_CTX), on_token=lambda i, t: None)
+    assert "exceeds the context" in too_many.value.message
+    with pytest.raises(InvalidRequestError) as bad:
+        engine.generate("hi", SamplingParams(max_tokens=0, temperature=-1, top_p=2.0), on_token=lambda i, t: None)
+    assert {d["field"] for d in bad.value.details} == {"max_tokens", "temperature", "top_p"}
+    # The engine is still fine afterwards.
+    assert run(engine, PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0))[1].stop_reason == "max_tokens"
+
+
+def test_on_token_exception_propagates_and_leaves_the_engine_usable(engine: Engine) -> None:
+    def explode(i: int, text: str) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate(PROMPTS[0], GREEDY, on_token=explode)
+    assert run(engine, PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0))[1].tokens_out == 2
+
+
+def test_open_generation_streams_consecutive_tokens(engine: Engine) -> None:
+    expected = text_of(run(engine, PROMPTS[1])[0])
+
+    async def main() -> tuple[list[Token], GenerationResult | None]:
+        with trio.fail_after(30):
+            async with open_generation(engine, PROMPTS[1], GREEDY) as generation:
+                tokens = [token async for token in generation]
+            return tokens, generation.result
+
+    tokens, result = trio.run(main)
+    assert all(isinstance(t, Token) for t in tokens)
+    assert [t.i for t in tokens] == list(range(len(tokens)))
+    assert "".join(t.t for t in tokens) == expected
+    assert result is not None and result.tokens_out == len(tokens) and result.stop_reason == "max_tokens"
+
+
+def test_cancel_scope_exit_mid_stream_stops_the_loop(engine: Engine) -> None:
+    expected = text_of(run(engine, PROMPTS[2])[0])
+
+    async def main() -> tuple[int, int, float, GenerationResult | None, str]:
+        with trio.fail_after(60):
+            with trio.CancelScope() as scope:
+                async with open_generation(engine, PROMPTS[2], SamplingParams(max_tokens=500, temperature=0.0)) as gen:
+                    async for token in gen:
+                        if token.i == 2:
+                            # What the loop had produced when the flag is about to be set
+                            # (nothing else runs on this thread before `finally` sets it).
+                            produced = token.i + 1 + len(gen._tokens)
+                            cancelled_at = time.monotonic()
+                            scope.cancel()
+            left_after = time.monotonic() - cancelled_at
+            # Served at once, and the KV cache was cleared: the same greedy text again.
+            async with open_generation(engine, PROMPTS[2], GREEDY) as again:
+                text = "".join([t.t async for t in again])
+            return token.i, produced, left_after, gen.result, text
+
+    last_i, produced, left_after, result, text = trio.run(main)
+    assert last_i == 2 and result is not None and result.stop_reason == "cancelled"
+    # Within one token: at most the token being decoded when the flag was set (+1 for the
+    # few microseconds between the snapshot above and the flag).
+    assert result.tokens_out <= produced + 2
+    per_token_s = result.decode_time_ms / 1e3 / result.tokens_out
+    assert left_after < 3 * per_token_s + 0.5 and text == expected
+
+
+def test_leaving_the_block_early_and_busy_engine(engine: Engine) -> None:
+    async def main() -> GenerationResult | None:
+        with trio.fail_after(30):
+            async with open_generation(engine, PROMPTS[0], SamplingParams(max_tokens=500, temperature=0.0)) as gen:
+                with pytest.raises(BusyError):
+                    async with open_generation(engine, PROMPTS[0], GREEDY):
+                        pass  # pragma: no cover
+                with pytest.raises(BusyError):
+                    await trio.to_thread.run_sync(lambda: engine.generate("x", GREEDY, on_token=lambda i, t: None))
+                async for token in gen:
+                    break
+            return gen.result
+
+    result = trio.run(main)
+    assert result is not None and result.stop_reason == "cancelled" and result.tokens_out < 500
+
+
+def test_open_generation_rejects_bad_requests_before_streaming(engine: Engine) -> None:
+    async def main() -> None:
+        with trio.fail_after(30):
+            with pytest.raises(InvalidRequestError):
+                async with open_generation(engine, "word " * 3000, GREEDY):
+                    pass  # pragma: no cover
+            with pytest.raises(InvalidRequestError):
+                async with open_generation(engine, "hi", SamplingParams(top_k=-1)):
+                    pass  # pragma: no cover
+            async with open_generation(engine, "hi", SamplingParams(max_tokens=1, temperature=0.0)) as gen:
+                assert len([t async for t in gen]) <= 1
+
+    trio.run(main)
+
+
+def test_close_during_a_generation_stops_it_then_frees(embedded_model: Path) -> None:
+    async def main() -> GenerationResult | None:
+        own = Engine.load(embedded_model, n_ctx=512, n_threads=THREADS)
+        with trio.fail_after(60):
+            async with open_generation(own, PROMPTS[0], SamplingParams(max_tokens=400, temperature=0.0)) as gen:
+                async for token in gen:
+                    if token.i == 1:
+                        own.close()  # blocks until the loop has stopped, then frees everything
+                        break
+        own.close()  # idempotent
+        with pytest.raises(InvalidRequestError, match="closed"):
+            own.count_tokens("hi")
+        return gen.result
+
+    result = trio.run(main)
+    assert result is not None and result.stop_reason == "cancelled" and result.tokens_out < 400

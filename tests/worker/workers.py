@@ -1,0 +1,115 @@
+"""Helpers of the worker tests: start a real `llm-worker-rbee`, read its SSE streams.
+
+Every worker here is the real program started by ``tests.processes.RbeeProcess`` on
+127.0.0.1 port 0 with the embedded model; the streams are read with rbee's own SSE
+decoder, so what the tests see is what any client sees.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rbee.narration import sse
+from tests.processes import RbeeProcess, program
+
+#: Small and fixed so tests are quick and two threads leave a core to the test itself.
+WORKER_ARGS = ["--threads", "2", "--ctx-size", "512"]
+#: A raw prompt after which Gemma-3 270M, greedy, writes "}\n" and then end-of-text.
+EOS_PROMPT = "#include <stdio.h>\nint main(void) {\n    return 0;\n"
+#: A raw prompt that, greedy, counts on: " 5, 6, 7, 8, 9, ..."
+COUNTING_PROMPT = "1, 2, 3, 4,"
+HTTP_TIMEOUT = httpx.Timeout(60.0)
+
+
+def start_worker(model: Path, *args: str, worker_id: str = "w-test", env: dict[str, str] | None = None) -> RbeeProcess:
+    """Start `llm-worker-rbee` on port 0 serving ``model``."""
+    argv = [program("llm-worker-rbee"), "--model", str(model), "--worker-id", worker_id, *WORKER_ARGS, *args]
+    return RbeeProcess(argv, env=env)
+
+
+def wait_ready(url: str, *, headers: dict[str, str] | None = None, seconds: float = 60.0) -> dict[str, Any]:
+    """Poll ``GET /v1/ready`` until the worker is ready; returns the last body."""
+    deadline = time.monotonic() + seconds
+    while True:
+        body = httpx.get(f"{url}/v1/ready", headers=headers, timeout=HTTP_TIMEOUT).json()
+        if body["ready"] or body["state"] == "error" or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def wait_state(url: str, state: str, *, headers: dict[str, str] | None = None, seconds: float = 5.0) -> float:
+    """Poll ``/v1/ready`` until ``state``; returns the seconds it took (AssertionError if never)."""
+    start = time.monotonic()
+    while True:
+        body = httpx.get(f"{url}/v1/ready", headers=headers, timeout=HTTP_TIMEOUT).json()
+        if body["state"] == state:
+            return time.monotonic() - start
+        assert time.monotonic() - start < seconds, f"worker stayed {body} instead of {state!r}"
+        time.sleep(0.01)
+
+
+@dataclass
+class Stream:
+    """What one SSE response carried: status, headers and every decoded event in order."""
+
+    status: int
+    headers: httpx.Headers
+    events: list[Any] = field(default_factory=list)
+    raw: bytes = b""
+    body: Any = None  # the JSON body of a non-SSE answer
+
+    def of_type(self, kind: str) -> list[Any]:
+        """The events of one wire type (``token``, ``narration``, ``end`` ...)."""
+        return [e for e in self.events if e.type == kind]
+
+    @property
+    def text(self) -> str:
+        """The generated text: every token's ``t`` joined."""
+        return "".join(e.t for e in self.of_type("token"))
+
+    @property
+    def end(self) -> Any:
+        """The one ``end`` event."""
+        (end,) = self.of_type("end")
+        return end
+
+
+def infer(url: str, body: dict[str, Any] | bytes, *, headers: dict[str, str] | None = None) -> Stream:
+    """``POST /v1/inference`` and read the whole answer (SSE or JSON error)."""
+    kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+    with httpx.Client(timeout=HTTP_TIMEOUT) as client:
+        with client.stream("POST", f"{url}/v1/inference", headers=headers, **kwargs) as response:
+            return read_stream(response)
+
+
+def read_stream(response: httpx.Response) -> Stream:
+    """Read a response to its end: SSE events through rbee's decoder, or a JSON body."""
+    stream = Stream(response.status_code, response.headers)
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        stream.raw = response.read()
+        stream.body = response.json()
+        return stream
+    decoder = sse.Decoder()
+    chunks = []
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        stream.events += decoder.feed(chunk)
+    stream.events += decoder.close()
+    stream.raw = b"".join(chunks)
+    return stream
+
+
+def wait_for_job_event(proc: RbeeProcess, action: str, job_id: str, seconds: float = 10.0) -> dict[str, Any]:
+    """The first stdout narration with ``action`` and ``job_id`` (waits for it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for obj in proc.json_lines():
+            if obj.get("action") == action and obj.get("job_id") == job_id:
+                return obj
+        assert time.monotonic() < deadline, f"no {action!r} for {job_id} on stdout: {proc.stdout_lines[-10:]}"
+        time.sleep(0.05)
