@@ -1,15 +1,77 @@
-"""Entry point of `rbee-hive`."""
+"""Entry point of `rbee-hive`: ``rbee-hive daemon [--port 9200]`` and ``rbee-hive detect``."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+import cyclopts
+import trio
+
+from ..errors import RbeeError
+from .config import HiveConfig, idle_timeout_from_env
+
+app = cyclopts.App(name="rbee-hive", help="The rbee pool manager of one node: models, preflight, workers.",
+                   version_flags=[])
+
+
+@app.command
+def daemon(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9200,
+    token_file: Path | None = None,
+    watch_stdin: bool | None = None,
+) -> int:
+    """Run the hive until SIGTERM, SIGINT, ``POST /v1/shutdown`` or the end of its stdin.
+
+    Parameters
+    ----------
+    host
+        Address to bind (127.0.0.1 unless you mean to expose it).
+    port
+        TCP port; 0 picks a free one (announced in the ``server_bind`` narration).
+    token_file
+        File holding the bearer token every route but health needs (default: $RBEE_API_TOKEN, if set).
+    watch_stdin
+        Shut down when standard input ends. Default: only when stdin is a pipe or socket
+        (started by the queen or over SSH); /dev/null or a terminal is not watched.
+    """
+    from .auth import load_token
+    from .server import serve, stdin_is_attached
+
+    try:
+        config = HiveConfig(
+            host=host, port=port, api_token=load_token(token_file),
+            watch_stdin=stdin_is_attached() if watch_stdin is None else watch_stdin,
+            handle_signals=True, idle_timeout_s=idle_timeout_from_env(),
+        )
+    except (RbeeError, ValueError) as exc:
+        print(f"rbee-hive: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    trio.run(serve, config)
+    return 0
+
+
+@app.command
+def detect() -> int:
+    """Print this node's backends, devices (with memory) and free disk as JSON."""
+    from .detect import detect_node
+
+    print(json.dumps(detect_node(), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `rbee-hive`; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    print("usage: rbee-hive [--help] (not built yet)", file=sys.stderr)
-    return 0 if argv in ([], ["--help"]) else 2
+    """Run `rbee-hive`; returns the process exit code (2 on bad usage)."""
+    try:
+        result = app(sys.argv[1:] if argv is None else argv, exit_on_error=False, result_action="return_value")
+    except cyclopts.CycloptsError:
+        return 2  # cyclopts has printed what is wrong
+    except KeyboardInterrupt:
+        return 130
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

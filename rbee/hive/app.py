@@ -1,0 +1,142 @@
+"""The hive's HTTP API (quart-trio), DESIGN.md's Hive section plus what the queen needs.
+
+- ``GET /v1/health`` (also ``/health``): no token needed.
+- ``GET /v1/detect``: the node's backends and devices (``rbee-hive detect``'s JSON).
+- ``GET /v1/workers`` -> ``{"workers": [{worker_id, url, state, model_ref, backend,
+  device, pid, ctx_size, api_key}]}``. ``api_key`` is an extension: the key the hive
+  minted for the worker, so that the hive's caller (the queen) can call the worker
+  directly. Anyone who may call the hive may use its workers.
+- ``POST /v1/workers/spawn {model, backend="cpu", device=0, ctx_size?}`` -> 201
+  ``{worker_id, url, state: "loading", api_key, model_ref, pid, backend, device}``; waits
+  while the model is provisioned (narrated on stdout and into the worker's narration).
+- ``POST /v1/workers/ready``: the worker's callback, authenticated by its own key.
+- ``GET /v1/workers/{id}/narration``: SSE of the worker's stdout/stderr since spawn, then
+  live, ``[DONE]`` when it exited. ``POST /v1/workers/{id}/shutdown``.
+- ``GET /v1/models`` -> ``{"models": [catalog entries]}``.
+- ``POST /v1/models/download {model}`` -> 202 ``{download_id, model_ref}``;
+  ``GET /v1/models/download/{id}/progress``: SSE of narration (``download_progress`` with
+  ``bytes_done``, ``bytes_total``, ``percent``, ``bytes_per_sec``, ``eta_s``), then a
+  ``download_complete`` narration, or an ``error`` event; then ``[DONE]``.
+- ``POST /v1/shutdown`` -> 202: stop every worker, then exit.
+
+Errors are rbee's envelope ``{"error": {"code", "message", "details"}}``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..errors import InvalidRequestError, RbeeError
+from ..narration import narrate
+from .auth import check_request
+from .config import ACTOR
+from .eventlog import sse_body
+from .service import HiveState
+
+
+def _sse(body: Any) -> Response:
+    response = Response(body, status=200, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    return response
+
+
+async def _json_body() -> Any:
+    body = await request.get_json(force=True, silent=True)
+    if body is None:
+        raise InvalidRequestError("the request body must be JSON")
+    return body
+
+
+def create_app(state: HiveState) -> QuartTrio:
+    """The quart-trio app of one hive."""
+    app = QuartTrio("rbee-hive")
+    # A spawn waits for a download, and narration streams last as long as their worker.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = None
+
+    @app.before_request
+    async def check_token() -> Any:
+        check_request(request.path, request.headers.get("Authorization"), state.api_token)
+        return None
+
+    @app.errorhandler(RbeeError)
+    async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int]:
+        return exc.envelope(), exc.http_status
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
+        status = exc.code or 500
+        if status == 404:
+            message = f"no route {request.method} {request.path} on this hive"
+        else:
+            message = f"{request.method} {request.path}: {exc.description}"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(status, "http_error")
+        return {"error": {"code": code, "message": message, "details": None}}, status
+
+    @app.errorhandler(Exception)
+    async def bug(exc: Exception) -> tuple[dict[str, Any], int]:
+        traceback.print_exception(exc, file=sys.stderr)
+        return {"error": {"code": "internal_error", "message": f"rbee-hive bug: {exc!r}", "details": None}}, 500
+
+    @app.get("/v1/health")
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "hostname": state.node.get("hostname"), "workers": len(state.workers.list()),
+                "rbee_version": state.node.get("rbee_version")}
+
+    @app.get("/v1/detect")
+    async def detect() -> dict[str, Any]:
+        return state.node
+
+    @app.get("/v1/workers")
+    async def list_workers() -> dict[str, Any]:
+        return {"workers": [w.public(with_key=True) for w in state.workers.list()]}
+
+    @app.post("/v1/workers/spawn")
+    async def spawn() -> tuple[dict[str, Any], int]:
+        worker = await state.spawn(await _json_body())
+        return worker.public(with_key=True), 201
+
+    @app.post("/v1/workers/ready")
+    async def ready() -> dict[str, Any]:
+        body = await request.get_json(force=True, silent=True)
+        worker = state.workers.mark_ready(request.headers.get("Authorization"), body)
+        return {"worker_id": worker.worker_id, "state": worker.state}
+
+    @app.get("/v1/workers/<worker_id>/narration")
+    async def worker_narration(worker_id: str) -> Response:
+        return _sse(sse_body(state.workers.log_of(worker_id), state.config.ping_interval_s))
+
+    @app.post("/v1/workers/<worker_id>/shutdown")
+    async def worker_shutdown(worker_id: str) -> dict[str, Any]:
+        worker = state.workers.get(worker_id)
+        await state.workers.stop(worker, "asked over HTTP")
+        return {"worker_id": worker_id, "state": "stopped", "exit_code": worker.returncode}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"models": [e.public() for e in state.catalog.list()]}
+
+    @app.post("/v1/models/download")
+    async def download() -> tuple[dict[str, Any], int]:
+        record = await state.start_download(await _json_body())
+        return {"download_id": record.download_id, "model_ref": record.reference}, 202
+
+    @app.get("/v1/models/download/<download_id>/progress")
+    async def download_progress(download_id: str) -> Response:
+        return _sse(sse_body(state.download(download_id).log, state.config.ping_interval_s))
+
+    @app.post("/v1/shutdown")
+    async def shutdown() -> tuple[dict[str, Any], int]:
+        narrate(ACTOR, "shutdown_request", "Shutdown requested over HTTP")
+        state.shutdown.set()
+        return {"status": "shutting_down"}, 202
+
+    return app

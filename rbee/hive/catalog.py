@@ -1,0 +1,183 @@
+"""The model catalog: which GGUF files this node holds, verified, in ``$RBEE_HOME/models.db``.
+
+One row per model file, keyed by its canonical reference (``hf:org/repo/file.gguf``,
+``file:/abs/path.gguf``, ``gemma3-270m``), with provider, file name, local path, size,
+sha256, when it was downloaded and last used. A row is only ever written for a file whose
+sha256 was checked: the catalog never holds a partial or unverified file.
+
+``model_aliases`` maps what a user asked for (``hf:org/repo``, ``hf:org/repo:Q4_K_M``) to
+the canonical reference it resolved to, so that the second spawn of ``hf:org/repo`` finds
+the file without asking the Hub (and works with ``HF_HUB_OFFLINE=1``).
+
+Schema changes are migrations, numbered by SQLite's ``PRAGMA user_version``: opening a
+database runs the ones it has not seen, in one transaction each. The journal is WAL, so
+readers (``rbee-hive`` and, say, a ``sqlite3`` shell) never block on a writer and never
+see half a write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+#: How long a connection waits for another writer's lock before failing (milliseconds).
+BUSY_TIMEOUT_MS = 10_000
+
+#: Migration N (1-based) takes the schema from user_version N-1 to N.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE models (
+            reference TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            file TEXT NOT NULL,
+            local_path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            downloaded_at TEXT NOT NULL,
+            last_used TEXT
+        )""",
+    ),
+    (
+        # v2: the Hub revision a file came from, and the aliases table (see module doc).
+        "ALTER TABLE models ADD COLUMN revision TEXT",
+        """CREATE TABLE model_aliases (
+            alias TEXT PRIMARY KEY,
+            reference TEXT NOT NULL REFERENCES models(reference) ON DELETE CASCADE
+        )""",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with seconds (``2026-11-23T20:01:02Z``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One verified model file on this node."""
+
+    reference: str
+    provider: str
+    file: str
+    local_path: str
+    size: int
+    sha256: str
+    downloaded_at: str
+    last_used: str | None = None
+    revision: str | None = None
+
+    def public(self) -> dict[str, object]:
+        """The JSON form of ``GET /v1/models``."""
+        return asdict(self)
+
+    def file_present(self) -> bool:
+        """The file is still on disk with the catalogued size (a cheap check, no hashing)."""
+        try:
+            return Path(self.local_path).stat().st_size == self.size
+        except OSError:
+            return False
+
+
+class ModelCatalog:
+    """The catalog in one SQLite file; each call opens its own short connection.
+
+    Short connections keep it safe from any thread and from several processes at once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            migrate(db)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            yield db
+        finally:
+            db.close()
+
+    def schema_version(self) -> int:
+        """The ``user_version`` of the file (``SCHEMA_VERSION`` once opened here)."""
+        with self._connect() as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    def add(self, entry: CatalogEntry, *, aliases: tuple[str, ...] = ()) -> None:
+        """Register a verified file (replacing an older row of that reference)."""
+        fields = asdict(entry)
+        with self._connect() as db, _transaction(db):
+            db.execute(
+                f"INSERT OR REPLACE INTO models ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                tuple(fields.values()),
+            )
+            for alias in aliases:
+                if alias != entry.reference:
+                    db.execute("INSERT OR REPLACE INTO model_aliases (alias, reference) VALUES (?, ?)", (alias, entry.reference))
+
+    def get(self, reference: str) -> CatalogEntry | None:
+        """The entry of a canonical reference or of an alias, if catalogued."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM models WHERE reference = ?", (reference,)).fetchone()
+            if row is None:
+                row = db.execute(
+                    "SELECT m.* FROM models m JOIN model_aliases a ON a.reference = m.reference WHERE a.alias = ?",
+                    (reference,),
+                ).fetchone()
+        return None if row is None else CatalogEntry(**dict(row))
+
+    def list(self) -> list[CatalogEntry]:
+        """Every catalogued model, by reference."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM models ORDER BY reference").fetchall()
+        return [CatalogEntry(**dict(row)) for row in rows]
+
+    def touch(self, reference: str) -> None:
+        """Record that a worker was started with this model now."""
+        with self._connect() as db:
+            db.execute("UPDATE models SET last_used = ? WHERE reference = ?", (utc_now(), reference))
+
+    def remove(self, reference: str) -> None:
+        """Forget a model (its aliases go with it); the file is left alone."""
+        with self._connect() as db:
+            db.execute("DELETE FROM models WHERE reference = ?", (reference,))
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on busy_timeout
+    # instead of one failing halfway with "database is locked" on lock upgrade.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def migrate(db: sqlite3.Connection, *, upto: int = SCHEMA_VERSION) -> int:
+    """Run the migrations ``db`` has not seen (up to ``upto``); returns the new version."""
+    with _transaction(db):
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"models.db has schema version {version}, newer than this rbee-hive knows ({SCHEMA_VERSION});"
+                " upgrade rbee"
+            )
+        for number in range(version + 1, upto + 1):
+            for statement in MIGRATIONS[number - 1]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        return max(version, upto)

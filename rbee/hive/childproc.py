@@ -1,0 +1,140 @@
+"""Worker processes at the OS level: start them so they die with the hive, record and sweep them.
+
+Start: ``subprocess.Popen`` in a new process group (``process_group=0``: signals for the
+hive's terminal or session never reach a worker by accident, and the hive can signal the
+worker's whole group) with ``PR_SET_PDEATHSIG(SIGTERM)`` set between fork and exec, so the
+kernel sends SIGTERM to the worker when the hive dies, even by SIGKILL.
+
+Why Popen on the calling thread, never ``trio.run_process``/``to_thread``: the death signal
+fires when the *thread* that forked the child exits, and Trio retires idle worker threads
+after a few seconds, which would kill a healthy worker. The hive forks from its main
+thread (the Trio loop's), which lives as long as the hive. Forking takes about a
+millisecond.
+
+PID files (``$RBEE_HOME/workers/<worker_id>.pid``, JSON ``{pid, worker_id, hive_pid}``)
+outlive a hive that crashed in a way the death signal did not cover (a worker that ignored
+SIGTERM). A hive starting sweeps them: a file whose hive is gone and whose PID is still an
+``llm-worker-rbee`` with that worker id on its command line gets SIGTERM, then SIGKILL. A
+PID that now belongs to another program is left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+PR_SET_PDEATHSIG = 1
+WORKER_PROGRAM = "llm-worker-rbee"
+#: How long a stale worker gets between SIGTERM and SIGKILL at sweep time.
+SWEEP_GRACE_S = 3.0
+
+
+def _die_with_parent_hook(parent_pid: int):  # type: ignore[no-untyped-def]
+    def hook() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died between fork and prctl: then no signal would ever come.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return hook
+
+
+def start_child(argv: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group, dying with us; stdout/stderr are pipes."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        process_group=0,
+        # PR_SET_PDEATHSIG is Linux-only; elsewhere the hive's shutdown path and the sweep
+        # at the next start are what end the workers.
+        preexec_fn=_die_with_parent_hook(os.getpid()) if sys.platform.startswith("linux") else None,
+        close_fds=True,
+    )
+
+
+def pid_file(directory: Path, worker_id: str) -> Path:
+    """Where the PID of ``worker_id`` is recorded."""
+    return directory / f"{worker_id}.pid"
+
+
+def write_pid_file(directory: Path, worker_id: str, pid: int) -> None:
+    """Record a running worker (written atomically: a sweep never reads half a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{worker_id}.pid.tmp"
+    tmp.write_text(json.dumps({"pid": pid, "worker_id": worker_id, "hive_pid": os.getpid()}))
+    os.replace(tmp, pid_file(directory, worker_id))
+
+
+def remove_pid_file(directory: Path, worker_id: str) -> None:
+    """Forget a worker that exited."""
+    pid_file(directory, worker_id).unlink(missing_ok=True)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def is_our_worker(pid: int, worker_id: str) -> bool:
+    """PID ``pid`` runs ``llm-worker-rbee`` with ``worker_id`` on its command line."""
+    argv = _cmdline(pid)
+    return any(Path(a).name == WORKER_PROGRAM or a.endswith(WORKER_PROGRAM) for a in argv[:3]) and worker_id in argv
+
+
+def is_hive(pid: int) -> bool:
+    """PID ``pid`` is a running ``rbee-hive``."""
+    return _alive(pid) and any("rbee-hive" in a for a in _cmdline(pid)[:3])
+
+
+def sweep_stale_workers(directory: Path) -> list[tuple[str, int, str]]:
+    """End the workers recorded by hives that are gone; returns (worker_id, pid, outcome)."""
+    swept: list[tuple[str, int, str]] = []
+    if not directory.is_dir():
+        return swept
+    for path in sorted(directory.glob("*.pid")):
+        try:
+            record = json.loads(path.read_text())
+            pid, worker_id, hive_pid = int(record["pid"]), str(record["worker_id"]), int(record.get("hive_pid", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            continue
+        if hive_pid != os.getpid() and is_hive(hive_pid):
+            continue  # another live hive shares this RBEE_HOME: its workers are not stale
+        if not _alive(pid) or not is_our_worker(pid, worker_id):
+            outcome = "already gone" if not _alive(pid) else "not an llm-worker-rbee any more: left alone"
+            swept.append((worker_id, pid, outcome))
+            path.unlink(missing_ok=True)
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SWEEP_GRACE_S
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        outcome = "terminated"
+        if _alive(pid) and is_our_worker(pid, worker_id):
+            os.kill(pid, signal.SIGKILL)
+            outcome = "killed"
+        swept.append((worker_id, pid, outcome))
+        path.unlink(missing_ok=True)
+    return swept

@@ -1,0 +1,57 @@
+"""How one ``rbee-hive`` runs: ``HiveConfig``, built by the CLI or a test, read by ``serve``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SECONDS = 1.0
+ACTOR = "rbee-hive"
+IDLE_TIMEOUT_ENV = "RBEE_WORKER_IDLE_TIMEOUT"
+DEFAULT_IDLE_TIMEOUT_S = 300 * SECONDS
+
+
+def default_worker_command() -> list[str]:
+    """``llm-worker-rbee`` beside our interpreter (a virtualenv's bin/), else on PATH."""
+    sibling = Path(sys.executable).parent / "llm-worker-rbee"
+    if sibling.exists():
+        return [str(sibling)]
+    return [shutil.which("llm-worker-rbee") or "llm-worker-rbee"]
+
+
+def idle_timeout_from_env() -> float:
+    """``RBEE_WORKER_IDLE_TIMEOUT`` in seconds (default 300; 0 or less: never)."""
+    raw = os.environ.get(IDLE_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_IDLE_TIMEOUT_S
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{IDLE_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+@dataclass
+class HiveConfig:
+    """Everything a hive needs; ``port=0`` picks a free port (announced by ``server_bind``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9200
+    #: Bearer token every route but health needs; None: RBEE_API_TOKEN, if set.
+    api_token: str | None = None
+    #: Shut down on EOF of standard input (the SSH session or parent that started us left).
+    watch_stdin: bool = False
+    #: SIGTERM/SIGINT start a graceful shutdown (the CLI sets it).
+    handle_signals: bool = False
+    idle_timeout_s: float = field(default_factory=idle_timeout_from_env)
+    worker_command: list[str] = field(default_factory=default_worker_command)
+    #: The address workers bind (the hive and, through it or an SSH forward, the queen reach them).
+    worker_host: str = "127.0.0.1"
+    #: How long a worker gets after ``POST /v1/shutdown`` before SIGTERM, and after SIGTERM before SIGKILL.
+    stop_grace_s: float = 5 * SECONDS
+    kill_grace_s: float = 3 * SECONDS
+    #: How often the hive asks an idle/busy worker for its state (for the idle timeout).
+    state_poll_s: float = 1 * SECONDS
+    ping_interval_s: float = 15 * SECONDS

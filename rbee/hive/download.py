@@ -1,0 +1,227 @@
+"""Downloads from the Hugging Face Hub: pick the GGUF, fetch it resumably, verify sha256.
+
+Why our own ranged GET rather than ``hf_hub_download``: we need progress as narration
+events from Trio (not a tqdm bar in a thread), a ``.part`` file beside the final one that
+survives a hive restart, and the sha256 check before anything is renamed or registered.
+Everything Hub-specific still goes through ``huggingface_hub``, so its environment is
+honoured: ``HfApi.model_info(files_metadata=True)`` lists the files with their LFS sha256
+and size, ``hf_hub_url``/``get_hf_file_metadata`` give the resolve URL and its CDN
+location, ``build_hf_headers`` the token (``HF_TOKEN``, or the token file under
+``HF_HOME``); ``HF_ENDPOINT`` is read by the library; ``HF_HUB_OFFLINE`` stops before any
+request; a file already in the Hugging Face cache (``HF_HOME``) is used where it is.
+
+Resume: a ``.part`` that exists is continued with ``Range: bytes=<size>-`` (206); a
+server that answers 200 instead restarts it. A broken connection is retried (resuming)
+up to ``MAX_STALLED_ATTEMPTS`` times in a row without new bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from ..errors import ProvisionError
+from .references import ModelRef, pick_gguf, quant_of
+
+#: Progress narration is rate-limited to this many events per second.
+PROGRESS_EVENTS_PER_S = 4
+MAX_STALLED_ATTEMPTS = 5
+RETRY_DELAY_S = 0.5
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class HubFile:
+    """One GGUF file on the Hub, as ``model_info`` and the resolve HEAD describe it."""
+
+    repo: str
+    filename: str
+    revision: str
+    size: int
+    sha256: str
+    url: str  # the resolve URL at that revision
+    alternatives: tuple[tuple[str, int], ...] = field(default=())  # (quant, size) of the repo's other GGUFs
+
+    @property
+    def reference(self) -> str:
+        """The canonical catalogue reference, ``hf:org/repo/file.gguf``."""
+        return f"hf:{self.repo}/{self.filename}"
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: no request to the Hub may be made."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def resolve_hub_file(ref: ModelRef) -> HubFile:
+    """Ask the Hub which file ``ref`` means, its size and sha256 (blocking: run in a thread)."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import errors as hf_errors
+
+    assert ref.repo is not None
+    if offline():
+        raise ProvisionError(
+            f"{ref.reference} is not in this node's catalog and HF_HUB_OFFLINE is set: "
+            "unset it (or download the model while online) to fetch it"
+        )
+    try:
+        info = HfApi().model_info(ref.repo, files_metadata=True)
+        siblings = {s.rfilename: s for s in (info.siblings or [])}
+        filename = ref.filename or pick_gguf(sorted(siblings), ref.quant)
+        if filename is None or filename not in siblings:
+            ggufs = sorted(n for n in siblings if n.lower().endswith(".gguf"))
+            wanted = ref.filename or ref.quant or "Q4_K_M, Q5_K_M, Q8_0 or F16"
+            raise ProvisionError(
+                f"{ref.repo} on the Hub has no GGUF for {wanted}; its GGUF files: {', '.join(ggufs) or 'none'}",
+                code="model_not_found",
+            )
+        sibling = siblings[filename]
+        revision = info.sha or "main"
+        url = hf_hub_url(ref.repo, filename, revision=revision)
+        meta = get_hf_file_metadata(url)
+    except ProvisionError:
+        raise
+    except hf_errors.RepositoryNotFoundError:
+        raise ProvisionError(
+            f"{ref.repo} does not exist on the Hub, or it is private/gated and HF_TOKEN is not set",
+            code="model_not_found",
+        ) from None
+    except hf_errors.OfflineModeIsEnabled:
+        raise ProvisionError(f"{ref.reference} needs the Hub but HF_HUB_OFFLINE is set") from None
+    except Exception as exc:  # noqa: BLE001 - network and Hub errors become one clear message
+        raise ProvisionError(f"could not ask the Hub about {ref.reference}: {exc}") from None
+    lfs = sibling.lfs
+    sha256 = (lfs.sha256 if lfs else None) or (meta.etag if meta.etag and _SHA256.match(meta.etag) else None)
+    size = (lfs.size if lfs else None) or sibling.size or meta.size
+    if not sha256 or not size:
+        raise ProvisionError(
+            f"the Hub states no sha256/size for {ref.repo}/{filename}: rbee does not register an unverified file"
+        )
+    alternatives = tuple(
+        (q, (s.lfs.size if s.lfs else s.size) or 0)
+        for name, s in siblings.items()
+        if name != filename and name.lower().endswith(".gguf") and (q := quant_of(name))
+    )
+    return HubFile(ref.repo, filename, revision, int(size), sha256.lower(), url, alternatives)
+
+
+def cached_hub_file(hub: HubFile) -> Path | None:
+    """The file in the Hugging Face cache (``HF_HOME``) at that revision, if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub.repo, hub.filename, revision=hub.revision)
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file (blocking: run in a thread)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _location_and_headers(hub: HubFile) -> tuple[str, dict[str, str]]:
+    """Where the bytes are (the CDN after the Hub's redirect) and the headers to send."""
+    from huggingface_hub import get_hf_file_metadata
+    from huggingface_hub.utils import build_hf_headers
+
+    headers = build_hf_headers()
+    headers["Accept-Encoding"] = "identity"  # byte ranges of the file itself, not of a gzip
+    location = get_hf_file_metadata(hub.url).location or hub.url
+    if urlsplit(location)[:2] != urlsplit(hub.url)[:2]:
+        # A signed CDN URL: the Hub token must not leave the Hub.
+        headers.pop("authorization", None)
+        headers.pop("Authorization", None)
+    return location, headers
+
+
+ProgressFn = Callable[[int, int, float], None]  # (bytes_done, bytes_total, bytes_per_sec)
+NoticeFn = Callable[[str, str], None]  # (action, human)
+
+
+async def download_hub_file(hub: HubFile, dest: Path, *, progress: ProgressFn, notice: NoticeFn) -> None:
+    """Fetch ``hub`` into ``dest.part`` (resuming), verify sha256, rename to ``dest``.
+
+    On a sha256 mismatch the ``.part`` is deleted and ``ProvisionError`` raised: nothing
+    partial or unverified ever sits at ``dest``.
+    """
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stalled = 0
+    started_at = trio.current_time()
+    first_have: int | None = None
+    last_tick = -1.0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if have > hub.size:
+            part.unlink()
+            have = 0
+        if first_have is None:
+            first_have = have
+            if have:
+                notice("download_resume", f"Resuming {hub.filename} at {have} of {hub.size} bytes")
+        if have == hub.size:
+            break
+        try:
+            location, headers = await trio.to_thread.run_sync(_location_and_headers, hub)
+        except Exception as exc:  # noqa: BLE001 - the Hub's errors become one message
+            raise ProvisionError(f"could not reach the Hub for {hub.reference}: {exc}") from None
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        got_bytes = False
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), follow_redirects=True) as client:
+                async with client.stream("GET", location, headers=headers) as response:
+                    if response.status_code == 416:  # our .part is not a prefix any more
+                        part.unlink(missing_ok=True)
+                        continue
+                    if response.status_code not in (200, 206):
+                        await response.aread()
+                        raise ProvisionError(
+                            f"the Hub answered {response.status_code} for {hub.reference}: {response.text[:200]}"
+                        )
+                    if response.status_code == 200 and have:
+                        notice("download_restart", f"The server ignored the range request: restarting {hub.filename}")
+                        have = 0
+                        first_have = 0
+                    with open(part, "ab" if have else "wb") as out:
+                        # As the bytes arrive (no re-chunking): what came before a cut is kept.
+                        async for chunk in response.aiter_bytes():
+                            out.write(chunk)
+                            have += len(chunk)
+                            got_bytes = True
+                            now = trio.current_time()
+                            if now - last_tick >= 1 / PROGRESS_EVENTS_PER_S or have == hub.size:
+                                last_tick = now
+                                elapsed = max(now - started_at, 1e-6)
+                                progress(have, hub.size, (have - first_have) / elapsed)
+        except httpx.TransportError as exc:
+            stalled = 0 if got_bytes else stalled + 1
+            if stalled >= MAX_STALLED_ATTEMPTS:
+                raise ProvisionError(
+                    f"downloading {hub.reference} failed {stalled} times in a row without progress ({exc}); "
+                    f"{part.name} is kept and the next try resumes it"
+                ) from None
+            have_now = part.stat().st_size if part.exists() else 0
+            notice("download_retry", f"Connection lost at {have_now} of {hub.size} bytes ({exc}); resuming")
+            await trio.sleep(RETRY_DELAY_S * (stalled + 1))
+            continue
+    notice("download_verify", f"Verifying the sha256 of {hub.filename}")
+    actual = await trio.to_thread.run_sync(sha256_of, part)
+    if actual != hub.sha256:
+        part.unlink(missing_ok=True)
+        raise ProvisionError(
+            f"sha256 mismatch for {hub.reference}: the Hub states {hub.sha256}, the download has {actual}; "
+            "the file was deleted and not registered",
+            code="checksum_mismatch",
+        )
+    os.replace(part, dest)

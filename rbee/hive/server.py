@@ -1,0 +1,141 @@
+"""``serve(config)``: run one hive until it is told to stop, and leave no worker behind.
+
+Startup narration goes to stdout as JSON lines, because that is what the queen reads (over
+SSH for a remote node) before the HTTP server is up: ``hive_start``, ``stale_worker`` for
+each worker a crashed hive left (ended now), ``server_bind`` {port, url}, ``hive_ready``.
+
+Shutdown comes from ``POST /v1/shutdown``, SIGTERM/SIGINT (``handle_signals``), or EOF on
+standard input (``watch_stdin``: the SSH session or the parent that started us went
+away). Order: no new workers; every worker stopped in parallel (``POST /v1/shutdown``,
+SIGTERM, SIGKILL); then the HTTP server and the service tasks are cancelled; ``hive_stopped``.
+
+Nursery layout: one service nursery holds the HTTP server, the provisioning flights, the
+worker watchers, the idle timeout and the shutdown triggers; cancelling it ends them all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..narration import narrate
+from ..paths import rbee_home
+from .app import create_app
+from .auth import load_token
+from .catalog import ModelCatalog
+from .childproc import sweep_stale_workers
+from .config import ACTOR, HiveConfig
+from .detect import detect_node
+from .provision import Provisioner
+from .service import HiveState
+from .workers import WorkerRegistry
+
+#: How long open HTTP answers may take to finish once the hive stops.
+HTTP_DRAIN_S = 1.0
+
+
+def stdin_is_attached() -> bool:
+    """Standard input is a pipe or socket (a parent or SSH session holds its other end).
+
+    /dev/null, a terminal, a file or a closed fd 0 do not count: their EOF (or lack of
+    one) says nothing about whether whoever started us is still there.
+    """
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the hive until shutdown; ``task_status.started(port)`` once it listens."""
+    home = rbee_home()
+    token = config.api_token if config.api_token is not None else load_token(None)
+    narrate(ACTOR, "hive_start", f"rbee-hive starting (state in {home})", cute="The hive is waking up! 🐝")
+    pid_dir = home / "workers"
+    for worker_id, pid, outcome in await trio.to_thread.run_sync(sweep_stale_workers, pid_dir):
+        narrate(ACTOR, "stale_worker", f"Stale worker {worker_id} (pid {pid}) from an earlier hive: {outcome}",
+                level="warn", worker_id=worker_id, pid=pid, outcome=outcome)
+    node = await trio.to_thread.run_sync(detect_node)
+    catalog = ModelCatalog(home / "models.db")
+    async with httpx.AsyncClient(timeout=None) as http, trio.open_nursery() as services:
+        workers = WorkerRegistry(config, services, http, pid_dir)
+        state = HiveState(config=config, node=node, catalog=catalog, provisioner=Provisioner(catalog, services),
+                          workers=workers, nursery=services, api_token=token)
+        http_stop, http_done = trio.Event(), trio.Event()
+        port = await services.start(_serve_http, state, http_stop, http_done)
+        url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "localhost") else config.host
+        url = f"http://{url_host}:{port}"
+        workers.callback_url = f"{url}/v1/workers/ready"
+        narrate(ACTOR, "server_bind", f"rbee-hive listening on {url}", port=port, url=url)
+        services.start_soon(workers.run_idle_timeout)
+        if config.handle_signals:
+            services.start_soon(_watch_signals, state.shutdown)
+        if config.watch_stdin:
+            services.start_soon(_watch_stdin, state.shutdown)
+        narrate(ACTOR, "hive_ready", f"rbee-hive is ready on {node.get('hostname')} "
+                f"(backends: {', '.join(node.get('backends') or [])})", url=url)
+        task_status.started(port)
+        await state.shutdown.wait()
+        state.closing = True
+        count = len(workers.list())
+        narrate(ACTOR, "hive_shutdown", f"rbee-hive shutting down: stopping {count} worker(s)", workers=count)
+        with trio.CancelScope(shield=True):
+            await workers.stop_all("the hive is shutting down")
+            # Graceful end of HTTP: answers under way (the 202 of POST /v1/shutdown, the
+            # [DONE] of narration streams) are written, then the server stops.
+            http_stop.set()
+            with trio.move_on_after(HTTP_DRAIN_S * 2):
+                await http_done.wait()
+        services.cancel_scope.cancel()
+    narrate(ACTOR, "hive_stopped", "rbee-hive stopped; no worker left")
+
+
+async def _serve_http(state: HiveState, stop: trio.Event, done: trio.Event, *,
+                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    hc = HypercornConfig()
+    hc.bind = [f"{state.config.host}:{state.config.port}"]
+    hc.accesslog = None
+    hc.errorlog = None
+    hc.keep_alive_timeout = 75.0
+    hc.graceful_timeout = HTTP_DRAIN_S
+    app = create_app(state)
+
+    async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn_serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)  # type: ignore[arg-type]
+
+    try:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(run)
+            task_status.started(int(bound[0].rsplit(":", 1)[1]))
+    finally:
+        done.set()
+
+
+async def _watch_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            narrate(ACTOR, "signal", f"Received {signal.Signals(signum).name}: shutting down")
+            shutdown.set()
+
+
+async def _watch_stdin(shutdown: trio.Event) -> None:
+    # A dup, so closing our stream never closes fd 0 itself. Anything written to stdin is
+    # read and ignored: only its end means something.
+    stream = trio.lowlevel.FdStream(os.dup(0))
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(4096)
+            except (trio.BrokenResourceError, OSError):
+                data = b""
+            if not data:
+                break
+    narrate(ACTOR, "stdin_closed", "Standard input closed (whoever started this hive is gone): shutting down")
+    shutdown.set()

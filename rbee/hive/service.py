@@ -1,0 +1,186 @@
+"""What the hive's routes do: spawn a worker (preflight, provision, start) and downloads.
+
+Spawn order, each step failing with a 4xx that says why before the next one costs
+anything: the request's fields; backend and device (``preflight.check_backend``); the
+model reference; where the file is (``Provisioner.resolve``: catalog, Hub metadata);
+memory with the size known so far; provisioning (download or assembly, narrated on stdout
+and into the new worker's narration log); memory again with the GGUF header's exact KV
+figure; then the process. Two spawns running at once are each checked against the memory
+free at their moment: the second does not yet see the first worker's use.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..errors import BusyError, InvalidRequestError, NotFoundError, RbeeError
+from ..narration import narrate
+from ..narration.events import Error
+from . import preflight
+from .catalog import ModelCatalog
+from .config import ACTOR, HiveConfig
+from .detect import nvidia_devices
+from .eventlog import EventLog
+from .provision import Provisioner, Resolution, kv_bytes_at
+from .references import parse_reference
+from .workers import Worker, WorkerRegistry, new_worker_id
+
+#: The worker's own default (``llm-worker-rbee --ctx-size``), used for the memory plan.
+DEFAULT_CTX_SIZE = 4096
+MAX_CTX_SIZE = 1 << 20
+BACKEND_NAMES = ("cpu", "cuda", "metal")
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnRequest:
+    """A checked ``POST /v1/workers/spawn`` body."""
+
+    model: str
+    backend: str = "cpu"
+    device: int = 0
+    ctx_size: int | None = None
+
+
+def _field_error(name: str, constraint: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"invalid spawn request: {name}: {message}",
+        details=[{"field": name, "constraint": constraint, "message": message}],
+    )
+
+
+def validate_spawn(body: Any) -> SpawnRequest:
+    """Check the spawn body; ``InvalidRequestError`` listing the bad field."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _field_error("model", "non-empty string", "model is required (e.g. gemma3-270m)")
+    backend = body.get("backend", "cpu") or "cpu"
+    if not isinstance(backend, str):
+        raise _field_error("backend", "|".join(BACKEND_NAMES), "backend is a string")
+    device = body.get("device", 0)
+    if device is None:
+        device = 0
+    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        raise _field_error("device", "integer >= 0", "device is a device index")
+    ctx = body.get("ctx_size")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= MAX_CTX_SIZE):
+        raise _field_error("ctx_size", f"integer 1..{MAX_CTX_SIZE}", "ctx_size is a number of tokens")
+    return SpawnRequest(model=model.strip(), backend=backend.strip().lower(), device=device, ctx_size=ctx)
+
+
+@dataclass
+class DownloadRecord:
+    """One ``POST /v1/models/download``: its progress log, kept after it ends."""
+
+    download_id: str
+    reference: str
+    log: EventLog = field(default_factory=EventLog)
+
+
+@dataclass
+class HiveState:
+    """Everything the routes need; built by ``serve()``."""
+
+    config: HiveConfig
+    node: dict[str, Any]
+    catalog: ModelCatalog
+    provisioner: Provisioner
+    workers: WorkerRegistry
+    nursery: trio.Nursery
+    api_token: str | None = None
+    shutdown: trio.Event = field(default_factory=trio.Event)
+    closing: bool = False
+    downloads: dict[str, DownloadRecord] = field(default_factory=dict)
+
+    def _device_memory(self, backend: str, device: dict[str, Any]) -> tuple[int, str, str]:
+        """(free bytes, where the figure comes from, what to call the device) for a plan."""
+        if backend == "cuda":
+            for fresh in nvidia_devices():
+                if fresh["index"] == device.get("index"):
+                    device = fresh
+            free = int(device.get("memory_free_bytes") or 0)
+            return free, "free VRAM (nvidia-smi)", f"cuda device {device.get('index')} ({device.get('name')})"
+        free, source = preflight.free_memory(self.workers.reserved_bytes())
+        return free, source, "node"
+
+    def _plan(self, res: Resolution, req: SpawnRequest, device: dict[str, Any], kv: int | None) -> preflight.MemoryNeed:
+        ctx = req.ctx_size or DEFAULT_CTX_SIZE
+        need = preflight.memory_need(res.size, ctx, kv)
+        free, source, label = self._device_memory(req.backend, device)
+        preflight.check_memory(need, model=res.reference, free=free, source=source,
+                               smaller=list(res.alternatives), device_label=label)
+        return need
+
+    async def spawn(self, body: Any) -> Worker:
+        """Preflight, provision and start one worker; returns it in state ``loading``."""
+        req = validate_spawn(body)
+        if self.closing:
+            raise BusyError("the hive is shutting down; it takes no new workers")
+        device = preflight.check_backend(req.backend, req.device, self.node)
+        ref = parse_reference(req.model)
+        worker_id = new_worker_id()
+        log = self.workers.open_log(worker_id)
+        started = False
+        try:
+            log.append(narrate(ACTOR, "spawn_request", f"Preparing worker {worker_id} for {ref.reference} on "
+                               f"{req.backend}:{req.device}", worker_id=worker_id, target=worker_id))
+            res = await self.provisioner.resolve(ref)
+            ctx = req.ctx_size or DEFAULT_CTX_SIZE
+            self._plan(res, req, device, await trio.to_thread.run_sync(res.kv_bytes, ctx))
+            entry = await self.provisioner.ensure(res, listener=log.append)
+            exact = await trio.to_thread.run_sync(kv_bytes_at, Path(entry.local_path), ctx)
+            need = self._plan(res, req, device, exact)
+            if self.closing:
+                raise BusyError("the hive is shutting down; it takes no new workers")
+            self.catalog.touch(entry.reference)
+            worker = self.workers.spawn(worker_id, entry, backend=req.backend, device=req.device,
+                                        ctx_size=req.ctx_size, planned_bytes=need.total)
+            started = True
+            return worker
+        except RbeeError as exc:
+            narrate(ACTOR, "spawn_failed", f"Worker {worker_id} for {ref.reference} not started: {exc.message}",
+                    level="error", worker_id=worker_id, target=worker_id)
+            raise
+        finally:
+            if not started:
+                self.workers.drop_log(worker_id)
+
+    async def start_download(self, body: Any) -> DownloadRecord:
+        """Resolve the model now (bad references fail the request), provision it in the background."""
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the request body must be a JSON object")
+        if self.closing:
+            raise BusyError("the hive is shutting down")
+        ref = parse_reference(body.get("model"))
+        res = await self.provisioner.resolve(ref)
+        record = DownloadRecord(download_id=f"download-{secrets.token_hex(6)}", reference=res.reference)
+        self.downloads[record.download_id] = record
+        self.nursery.start_soon(self._run_download, record, res)
+        return record
+
+    async def _run_download(self, record: DownloadRecord, res: Resolution) -> None:
+        log = record.log
+        try:
+            already = res.entry is not None
+            entry = await self.provisioner.ensure(res, listener=log.append)
+            human = (f"{entry.reference} was already on this node" if already
+                     else f"{entry.reference} is downloaded and verified")
+            log.append(narrate(ACTOR, "download_complete", human, target=entry.reference,
+                               bytes_total=entry.size, local_path=entry.local_path, sha256=entry.sha256))
+        except RbeeError as exc:
+            log.append(Error(code=exc.code, message=exc.message))
+        finally:
+            log.close()
+
+    def download(self, download_id: str) -> DownloadRecord:
+        """A download by id; ``NotFoundError`` if unknown."""
+        record = self.downloads.get(download_id)
+        if record is None:
+            raise NotFoundError(f"no download {download_id!r} on this hive")
+        return record

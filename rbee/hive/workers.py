@@ -1,0 +1,368 @@
+"""The workers of one hive: spawn, watch from birth to exit, stop.
+
+``WorkerRegistry`` keeps the live workers in memory, each in one of the states
+``loading`` (spawned, model loading) -> ``idle`` (its ready callback came) <-> ``busy``
+(serving; learnt by polling the worker's ``GET /v1/ready``) -> ``stopping``. A worker
+that exits is deregistered at once: its exit is noticed through a pidfd (no polling, no
+2 s window to wait for), narrated on the hive's stdout and into the worker's own
+narration log, whose SSE readers then get ``[DONE]``.
+
+Everything the worker prints on stdout and stderr goes through the JSON-lines decoder
+line by line into that log: its narration as events, any other line as an event with
+action ``stdout`` (``stderr`` for its standard error). Nothing is lost, nothing is echoed
+to the hive's own stdout (the queen reads the worker's log through the hive's SSE; an
+echo would show every line twice).
+
+Stopping (idle timeout, ``POST /v1/workers/{id}/shutdown``, hive shutdown): ``POST
+/v1/shutdown`` to the worker with its key, then SIGTERM to its process group after
+``stop_grace_s``, then SIGKILL after ``kill_grace_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import os
+import secrets
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from ..errors import AuthError, InvalidRequestError, NotFoundError, WorkerError
+from ..narration import jsonlines, narrate
+from ..narration.events import Event, NarrationEvent
+from . import childproc
+from .catalog import CatalogEntry
+from .config import ACTOR, HiveConfig
+from .eventlog import EventLog
+
+WORKER_ACTOR = "llm-worker-rbee"
+#: After a worker exited, how long its stdout/stderr readers may still drain the pipes.
+DRAIN_S = 1.0
+#: Worker states reported by ``GET /v1/workers``.
+STATES = ("loading", "idle", "busy", "stopping")
+
+
+def free_port(host: str) -> int:
+    """A TCP port that is free on ``host`` right now (the worker binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for_exit(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for a child to exit and reap it; returns its exit code (negative: a signal).
+
+    Linux: a pidfd, readable the moment the child exits (no polling). Elsewhere: poll.
+    """
+    if hasattr(os, "pidfd_open"):
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+    else:
+        while proc.poll() is None:
+            await trio.sleep(0.1)
+    return proc.wait()
+
+
+def new_worker_id() -> str:
+    """``worker-<8 hex>``."""
+    return f"worker-{secrets.token_hex(4)}"
+
+
+@dataclass(eq=False)
+class Worker:
+    """One live worker process and what the hive knows about it."""
+
+    worker_id: str
+    model_ref: str
+    model_path: str
+    backend: str
+    device: int
+    ctx_size: int | None
+    url: str
+    api_key: str
+    log: EventLog
+    planned_bytes: int
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = "loading"
+    idle_since: float = 0.0
+    exited: trio.Event = field(default_factory=trio.Event)
+    returncode: int | None = None
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def public(self, *, with_key: bool) -> dict[str, Any]:
+        """The JSON of ``GET /v1/workers`` (the key only for the hive's parent)."""
+        out: dict[str, Any] = {
+            "worker_id": self.worker_id, "url": self.url, "state": self.state, "model_ref": self.model_ref,
+            "backend": self.backend, "device": self.device, "pid": self.pid, "ctx_size": self.ctx_size,
+        }
+        if with_key:
+            out["api_key"] = self.api_key
+        return out
+
+
+class WorkerRegistry:
+    """Spawns and tracks the hive's workers; every task lives in the hive's service nursery."""
+
+    def __init__(self, config: HiveConfig, nursery: trio.Nursery, http: httpx.AsyncClient, pid_dir: Path) -> None:
+        self.config = config
+        self._nursery = nursery
+        self._http = http
+        self.pid_dir = pid_dir
+        self._workers: dict[str, Worker] = {}
+        self._logs: dict[str, EventLog] = {}  # every log, including those of workers being provisioned
+        self.callback_url = ""  # set by serve() once the hive's port is known
+
+    def list(self) -> list[Worker]:
+        """The live workers, oldest first."""
+        return list(self._workers.values())
+
+    def get(self, worker_id: str) -> Worker:
+        """A live worker; ``NotFoundError`` if there is none by that id."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise NotFoundError(f"no worker {worker_id!r} on this hive (GET /v1/workers lists them)")
+        return worker
+
+    def log_of(self, worker_id: str) -> EventLog:
+        """The narration log of a worker (also one still being provisioned, or just exited)."""
+        log = self._logs.get(worker_id)
+        if log is None:
+            raise NotFoundError(f"no worker {worker_id!r} on this hive (GET /v1/workers lists them)")
+        return log
+
+    def open_log(self, worker_id: str) -> EventLog:
+        """A new log for a worker id about to be provisioned and spawned."""
+        log = self._logs[worker_id] = EventLog()
+        return log
+
+    def drop_log(self, worker_id: str) -> None:
+        """Close and forget the log of a spawn that failed before any process started."""
+        log = self._logs.pop(worker_id, None)
+        if log is not None:
+            log.close()
+
+    def reserved_bytes(self) -> int:
+        """Memory planned for the live workers (preflight counts it against a configured limit)."""
+        return sum(w.planned_bytes for w in self._workers.values())
+
+    def _say(self, worker: Worker, action: str, human: str, *, level: str = "info", **extra: Any) -> None:
+        worker.log.append(narrate(ACTOR, action, human, level=level, worker_id=worker.worker_id,
+                                  target=worker.worker_id, **extra))
+
+    def spawn(self, worker_id: str, entry: CatalogEntry, *, backend: str, device: int,
+              ctx_size: int | None, planned_bytes: int) -> Worker:
+        """Start ``llm-worker-rbee`` for ``entry`` (synchronously: see ``childproc``)."""
+        host = self.config.worker_host
+        port = free_port(host)
+        url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        worker = Worker(
+            worker_id=worker_id, model_ref=entry.reference, model_path=entry.local_path, backend=backend,
+            device=device, ctx_size=ctx_size, url=f"http://{url_host}:{port}", api_key=secrets.token_urlsafe(32),
+            log=self._logs.get(worker_id) or self.open_log(worker_id), planned_bytes=planned_bytes,
+        )
+        argv = [
+            *self.config.worker_command, "--model", entry.local_path, "--host", host, "--port", str(port),
+            "--backend", backend, "--device", str(device), "--worker-id", worker_id,
+            "--callback-url", self.callback_url, "--model-ref", entry.reference,
+        ]
+        if ctx_size:
+            argv += ["--ctx-size", str(ctx_size)]
+        env = dict(os.environ)
+        env.pop("RBEE_API_TOKEN", None)  # the worker has its own key; the hive's token stays here
+        env["PYTHONUNBUFFERED"] = "1"
+        # The key goes through the environment, not --api-key: a command line is readable
+        # by every local user (/proc/PID/cmdline), a process's environment only by its owner.
+        env["RBEE_WORKER_API_KEY"] = worker.api_key
+        try:
+            worker.proc = childproc.start_child(argv, env=env)
+        except OSError as exc:
+            raise WorkerError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+        childproc.write_pid_file(self.pid_dir, worker_id, worker.pid)
+        self._workers[worker_id] = worker
+        self._say(worker, "worker_spawn", f"Spawned worker {worker_id} (pid {worker.pid}) for {entry.reference} "
+                  f"on {backend}:{device} at {worker.url}", pid=worker.pid, url=worker.url)
+        assert worker.proc.stdout is not None and worker.proc.stderr is not None
+        streams = []
+        for pipe in (worker.proc.stdout, worker.proc.stderr):
+            streams.append(trio.lowlevel.FdStream(os.dup(pipe.fileno())))
+            pipe.close()
+        self._nursery.start_soon(self._watch, worker, streams[0], streams[1])
+        return worker
+
+    async def _pump(self, worker: Worker, stream: trio.lowlevel.FdStream, kind: str) -> None:
+        decoder = jsonlines.Decoder(actor=WORKER_ACTOR)
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                events = decoder.feed(data) if data else decoder.close()
+                for event in events:
+                    worker.log.append(self._own(worker, event, kind))
+                if not data:
+                    return
+
+    @staticmethod
+    def _own(worker: Worker, event: Event, kind: str) -> Event:
+        if isinstance(event, NarrationEvent):
+            changes: dict[str, Any] = {}
+            if event.worker_id is None:
+                changes["worker_id"] = worker.worker_id
+            if kind == "stderr" and event.action == "stdout":
+                changes["action"] = "stderr"
+            if changes:
+                return dataclasses.replace(event, **changes)
+        return event
+
+    async def _watch(self, worker: Worker, out: trio.lowlevel.FdStream, err: trio.lowlevel.FdStream) -> None:
+        """The worker's life: read its output, poll its state, deregister it when it exits."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poll_state, worker)
+                async with trio.open_nursery() as pipes:
+                    pipes.start_soon(self._pump, worker, out, "stdout")
+                    pipes.start_soon(self._pump, worker, err, "stderr")
+                    assert worker.proc is not None
+                    worker.returncode = await wait_for_exit(worker.proc)
+                    # Let the pipes drain what the worker said last, unless a grandchild
+                    # holds them open: then stop reading after DRAIN_S.
+                    pipes.cancel_scope.deadline = trio.current_time() + DRAIN_S
+                nursery.cancel_scope.cancel()
+        finally:
+            if worker.returncode is None and worker.proc is not None:
+                # Cancelled while the worker lives (serve() cancelled from outside rather
+                # than shut down): no worker may outlive the hive's watch over it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.pid, signal.SIGKILL)
+                worker.returncode = worker.proc.wait()
+            self._deregister(worker)
+
+    def _deregister(self, worker: Worker) -> None:
+        expected = worker.stopping
+        self._workers.pop(worker.worker_id, None)
+        childproc.remove_pid_file(self.pid_dir, worker.worker_id)
+        code = worker.returncode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        self._say(worker, "worker_exit", f"Worker {worker.worker_id} (pid {worker.pid}) {how}; deregistered",
+                  level="info" if expected else "warn", exit_code=code, pid=worker.pid)
+        worker.exited.set()
+        worker.log.close()
+        # Keep the closed log a while so that a late reader still gets the story and [DONE].
+        self._nursery.start_soon(self._forget_log_later, worker.worker_id, worker.log)
+
+    async def _forget_log_later(self, worker_id: str, log: EventLog) -> None:
+        await trio.sleep(300)
+        if self._logs.get(worker_id) is log:
+            del self._logs[worker_id]
+
+    async def _poll_state(self, worker: Worker) -> None:
+        """Learn idle/busy from the worker itself, so the idle timeout counts real idleness."""
+        # No keep-alive: an idle connection of ours would hold the worker's graceful
+        # shutdown open until its timeout.
+        headers = {"Authorization": f"Bearer {worker.api_key}", "Connection": "close"}
+        while True:
+            await trio.sleep(self.config.state_poll_s)
+            if worker.state not in ("idle", "busy"):
+                continue
+            try:
+                with trio.move_on_after(max(self.config.state_poll_s, 1.0)):
+                    response = await self._http.get(f"{worker.url}/v1/ready", headers=headers)
+                    state = response.json().get("state") if response.status_code == 200 else None
+                    if state == "busy" and worker.state == "idle":
+                        worker.state = "busy"
+                    elif state == "idle" and worker.state == "busy":
+                        worker.state = "idle"
+                        worker.idle_since = trio.current_time()
+            except (httpx.HTTPError, ValueError, AttributeError):
+                pass  # a worker that does not answer is judged by its process, not by HTTP
+
+    def mark_ready(self, authorization: str | None, body: Any) -> Worker:
+        """The worker's ready callback: check its key, move it to idle."""
+        if not isinstance(body, dict) or not isinstance(body.get("worker_id"), str):
+            raise InvalidRequestError(
+                "the ready callback needs a JSON body with worker_id",
+                details=[{"field": "worker_id", "constraint": "string", "message": "the id the hive gave the worker"}],
+            )
+        worker = self._workers.get(body["worker_id"])
+        expected = f"Bearer {worker.api_key}" if worker else f"Bearer {secrets.token_urlsafe(32)}"
+        if not hmac.compare_digest((authorization or "").encode(), expected.encode()) or worker is None:
+            raise AuthError("the ready callback must carry the bearer key the hive minted for that worker")
+        if worker.state == "loading":
+            worker.state = "idle"
+            worker.idle_since = trio.current_time()
+            self._say(worker, "worker_ready", f"Worker {worker.worker_id} is ready (idle) at {worker.url}",
+                      url=worker.url)
+        return worker
+
+    def request_stop(self, worker: Worker, reason: str) -> None:
+        """Begin stopping one worker (once; later calls change nothing)."""
+        if worker.stopping or worker.exited.is_set():
+            return
+        worker.stopping = True
+        worker.state = "stopping"
+        self._say(worker, "worker_stop", f"Stopping worker {worker.worker_id}: {reason}")
+        self._nursery.start_soon(self._stop_sequence, worker)
+
+    async def stop(self, worker: Worker, reason: str) -> None:
+        """Stop one worker: POST /v1/shutdown, then SIGTERM, then SIGKILL; returns once it exited."""
+        self.request_stop(worker, reason)
+        await worker.exited.wait()
+
+    async def _stop_sequence(self, worker: Worker) -> None:
+        with trio.move_on_after(min(2.0, self.config.stop_grace_s)):
+            try:
+                await self._http.post(f"{worker.url}/v1/shutdown",
+                                      headers={"Authorization": f"Bearer {worker.api_key}", "Connection": "close"})
+            except httpx.HTTPError:
+                pass  # still loading or wedged: the signals below take over
+        with trio.move_on_after(self.config.stop_grace_s):
+            await worker.exited.wait()
+        for signum, grace in ((signal.SIGTERM, self.config.kill_grace_s), (signal.SIGKILL, None)):
+            if worker.exited.is_set():
+                return
+            # The worker leads its own process group: signal the group, so anything it
+            # started goes too. It is not reaped yet (exited is unset), so the id is ours.
+            try:
+                os.killpg(worker.pid, signum)
+            except ProcessLookupError:
+                pass
+            if grace is not None:
+                with trio.move_on_after(grace):
+                    await worker.exited.wait()
+
+    async def stop_all(self, reason: str) -> None:
+        """Stop every worker, in parallel; returns when none is left."""
+        for worker in self.list():
+            self.request_stop(worker, reason)
+        for worker in self.list():
+            await worker.exited.wait()
+
+    async def run_idle_timeout(self) -> None:
+        """Stop workers idle for longer than ``idle_timeout_s`` (runs for the hive's life)."""
+        timeout = self.config.idle_timeout_s
+        if timeout <= 0:
+            return
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))
+            now = trio.current_time()
+            for worker in self.list():
+                if worker.state == "idle" and now - worker.idle_since >= timeout:
+                    self.request_stop(worker, f"idle for {timeout:g} s (RBEE_WORKER_IDLE_TIMEOUT)")
