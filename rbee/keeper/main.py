@@ -1,15 +1,239 @@
-"""Entry point of `rbee-keeper`."""
+"""Entry point of `rbee-keeper`, the user's CLI (cyclopts).
+
+Exit codes: 0 ok, 1 the job (or command) failed, 2 bad usage, 130 Ctrl-C.
+Every error is one line on stderr naming the cause and the fix, never a traceback.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import cyclopts
+import trio
+
+from ..errors import RbeeError
+from . import admin
+from .output import Output
+from .run_job import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_USAGE, run_job
+
+NarrationMode = Literal["human", "cute", "story", "json", "quiet"]
+
+app = cyclopts.App(name="rbee-keeper", help="Drive an rbee cluster from one shell.")
+queen_app = cyclopts.App(name="queen", help="Run a persistent queen-rbee.")
+setup_app = cyclopts.App(name="setup", help="The node registry.")
+workers_app = cyclopts.App(name="workers", help="Workers on the running hives.")
+models_app = cyclopts.App(name="models", help="Models on a node.")
+for sub in (queen_app, setup_app, workers_app, models_app):
+    app.command(sub)
+
+
+def _run(fn: Callable[..., Any], *args: Any, mode: str = "human") -> int:
+    out = Output(mode)
+    try:
+        if inspect.iscoroutinefunction(fn):
+            return trio.run(fn, out, *args)
+        return fn(out, *args)
+    except RbeeError as exc:
+        out.error(admin.one_line(exc))
+        return EXIT_JOB_FAILED
+    except OSError as exc:
+        out.error(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
+        return EXIT_JOB_FAILED
+
+
+@app.command
+def infer(
+    *,
+    node: str = "localhost",
+    model: str,
+    prompt: str,
+    max_tokens: int = 128,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repeat_penalty: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    backend: str | None = None,
+    device: int | None = None,
+    narration: NarrationMode = "human",
+) -> int:
+    """Generate text on a node: tokens to stdout, narration to stderr.
+
+    Parameters
+    ----------
+    node
+        The node to run on (``localhost``, or one added with ``setup add-node``).
+    model
+        Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``.
+    prompt
+        The prompt text.
+    max_tokens
+        Stop after this many tokens.
+    temperature
+        Sampling temperature (0 = greedy).
+    top_p
+        Nucleus sampling threshold.
+    top_k
+        Sample from the k most likely tokens.
+    min_p
+        Minimum probability relative to the most likely token.
+    repeat_penalty
+        Penalty for repeated tokens.
+    seed
+        Random seed, for repeatable output.
+    stop
+        Stop sequences.
+    backend
+        cpu, cuda or metal (default: the node's best).
+    device
+        Device index for the backend.
+    narration
+        How narration is shown on stderr.
+    """
+    request: dict[str, Any] = {"operation": "infer", "node": node, "model": model, "prompt": prompt, "max_tokens": max_tokens}
+    optional = {
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "repeat_penalty": repeat_penalty, "seed": seed, "stop": stop, "backend": backend, "device": device,
+    }
+    request.update({k: v for k, v in optional.items() if v is not None})
+    return trio.run(run_job, request, Output(narration))
+
+
+# -- queen --------------------------------------------------------------------------------
+
+
+@queen_app.command(name="start")
+def queen_start(*, port: int | None = None, host: str = "127.0.0.1") -> int:
+    """Start a persistent queen-rbee (default port: the one of RBEE_QUEEN_URL, 8080)."""
+    return _run(admin.queen_start, port, host)
+
+
+@queen_app.command(name="stop")
+def queen_stop() -> int:
+    """Stop the persistent queen-rbee (it stops its hives and their workers)."""
+    return _run(admin.queen_stop)
+
+
+@queen_app.command(name="status")
+def queen_status() -> int:
+    """Print whether a queen-rbee answers (exit 0) or not (exit 1)."""
+    return _run(admin.queen_status)
+
+
+# -- setup --------------------------------------------------------------------------------
+
+
+@setup_app.command(name="add-node")
+def add_node(
+    name: str,
+    *,
+    ssh_host: str,
+    ssh_port: int = 22,
+    ssh_user: str | None = None,
+    ssh_key: Path | None = None,
+    rbee_hive_command: str = "rbee-hive",
+    hive_port: int = 0,
+) -> int:
+    """Add a node reached over SSH; the queen tests it first (`rbee-hive detect` there).
+
+    Parameters
+    ----------
+    name
+        The node's name (used with ``--node``).
+    ssh_host
+        Host name or address for SSH.
+    ssh_port
+        SSH port.
+    ssh_user
+        SSH user (default: yours).
+    ssh_key
+        Private key file (default: your agent and ~/.ssh keys).
+    rbee_hive_command
+        The command that runs rbee-hive on the node (a full path, possibly after ``env VAR=...``).
+    hive_port
+        Port for the hive on the node (0: it picks one).
+    """
+    body = {
+        "name": name, "ssh_host": ssh_host, "ssh_port": ssh_port, "ssh_user": ssh_user,
+        "ssh_key": str(ssh_key.expanduser().resolve()) if ssh_key else None,
+        "rbee_hive_command": rbee_hive_command, "hive_port": hive_port,
+    }
+    return _run(admin.add_node, body)
+
+
+@setup_app.command(name="list-nodes")
+def list_nodes() -> int:
+    """List the nodes (name, SSH target, hive command)."""
+    return _run(admin.list_nodes)
+
+
+@setup_app.command(name="remove-node")
+def remove_node(name: str) -> int:
+    """Forget a node."""
+    return _run(admin.remove_node, name)
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+@workers_app.command(name="list")
+def workers_list() -> int:
+    """List the workers of every running hive."""
+    return _run(admin.list_workers)
+
+
+@workers_app.command(name="health")
+def workers_health() -> int:
+    """Like list; exit 1 if a worker is in error."""
+    return _run(admin.workers_health)
+
+
+@workers_app.command(name="shutdown")
+def workers_shutdown(*, node: str | None = None, worker_id: str | None = None) -> int:
+    """Shut workers down (all, one node's, or one)."""
+    return _run(admin.shutdown_workers, node, worker_id)
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+@models_app.command(name="list")
+def models_list(*, node: str = "localhost") -> int:
+    """List the models on a node."""
+    return _run(admin.list_models, node)
+
+
+@models_app.command(name="download")
+def models_download(model: str, *, node: str = "localhost", narration: NarrationMode = "human") -> int:
+    """Download a model onto a node (with a progress bar).
+
+    Parameters
+    ----------
+    model
+        Model reference (``hf:org/repo[:QUANT]``, ``gemma3-270m`` ...).
+    node
+        The node to download onto.
+    narration
+        How narration is shown on stderr.
+    """
+    return trio.run(run_job, {"operation": "download", "node": node, "model": model}, Output(narration))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `rbee-keeper`; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    print("usage: rbee-keeper [--help] (not built yet)", file=sys.stderr)
-    return 0 if argv in ([], ["--help"]) else 2
+    tokens = sys.argv[1:] if argv is None else argv
+    try:
+        result = app(tokens, exit_on_error=False, result_action="return_value")
+    except cyclopts.CycloptsError:
+        return EXIT_USAGE  # cyclopts has printed what was wrong
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

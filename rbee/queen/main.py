@@ -1,15 +1,47 @@
-"""Entry point of `queen-rbee`."""
+"""Entry point of `queen-rbee`: ``queen-rbee [--host 127.0.0.1] [--port 8080]``."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+import cyclopts
+import trio
+
+from .server import QueenConfig, serve
+
+app = cyclopts.App(name="queen-rbee", help="The rbee orchestrator: node registry, jobs, scheduling.")
+
+
+@app.default
+def run(*, host: str = "127.0.0.1", port: int = 8080, home: Path | None = None, ping_interval: float = 15.0) -> int:
+    """Run the queen until SIGTERM, SIGINT or ``POST /v1/shutdown``.
+
+    Parameters
+    ----------
+    host
+        Address to bind (127.0.0.1 unless you mean to expose it).
+    port
+        TCP port; 0 picks a free one (announced in the ``server_bind`` narration).
+    home
+        State directory (default: $RBEE_HOME or ~/.rbee).
+    ping_interval
+        Seconds of quiet after which a job stream gets a keep-alive ``: ping``.
+    """
+    config = QueenConfig(host=host, port=port, home=home, ping_interval_s=ping_interval, handle_signals=True)
+    trio.run(serve, config)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `queen-rbee`; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    print("usage: queen-rbee [--help] (not built yet)", file=sys.stderr)
-    return 0 if argv in ([], ["--help"]) else 2
+    """Run `queen-rbee`; returns the process exit code (2 on bad usage)."""
+    try:
+        result = app(sys.argv[1:] if argv is None else argv, exit_on_error=False, result_action="return_value")
+    except cyclopts.CycloptsError:
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""Find a queen, or start one: ephemeral (a child for one command) or persistent.
+
+Lookup order: ``RBEE_QUEEN_URL`` (default ``http://127.0.0.1:8080``) if it answers
+``/health``; else the persistent queen recorded in ``$RBEE_HOME/queen.json`` by
+``rbee-keeper queen start`` if it is alive; else none, and the command starts an
+ephemeral queen (``queen-rbee --port 0`` as our child, in its own process group, dying
+with us through PR_SET_PDEATHSIG) and shuts it down (with its hives and workers) at the end.
+
+The ephemeral queen's stdout is its narration (JSON lines): we render it on stderr, which
+is how the user sees the queen start and, at the end, the cascade shut down. Its stderr
+goes to ``$RBEE_HOME/logs/queen.log`` so that library noise never mixes with narration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import trio
+
+from ..errors import RbeeError
+from ..narration import jsonlines
+from ..narration.events import Event, NarrationEvent
+from ..paths import rbee_home
+from ..queen.children import ChildProcess
+
+DEFAULT_QUEEN_URL = "http://127.0.0.1:8080"
+HEALTH_PROBE_S = 1.0
+QUEEN_START_S = 60.0
+QUEEN_STOP_S = 20.0
+
+
+class QueenStartError(RbeeError):
+    """The ephemeral or persistent queen did not come up."""
+
+    code = "queen_start_failed"
+    http_status = 500
+
+
+def queen_url_from_env() -> str:
+    """``RBEE_QUEEN_URL`` or the default."""
+    return (os.environ.get("RBEE_QUEEN_URL") or DEFAULT_QUEEN_URL).rstrip("/")
+
+
+def api_token() -> str | None:
+    """The bearer token for the queen (``RBEE_API_TOKEN``), if any."""
+    return os.environ.get("RBEE_API_TOKEN") or None
+
+
+def queen_program() -> str:
+    """``queen-rbee`` beside our interpreter (a virtualenv's bin/), else on PATH."""
+    sibling = Path(sys.executable).parent / "queen-rbee"
+    return str(sibling) if sibling.exists() else "queen-rbee"
+
+
+def record_path() -> Path:
+    """Where ``queen start`` records the persistent queen (URL and PID)."""
+    return rbee_home() / "queen.json"
+
+
+def log_path() -> Path:
+    """The queen's stderr log."""
+    path = rbee_home() / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path / "queen.log"
+
+
+def read_record() -> dict | None:
+    """The recorded persistent queen, or None."""
+    try:
+        return json.loads(record_path().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+async def is_healthy(url: str) -> bool:
+    """True if a queen answers ``GET /health`` at ``url`` quickly."""
+    with trio.move_on_after(HEALTH_PROBE_S):
+        try:
+            async with httpx.AsyncClient(timeout=None) as client:
+                response = await client.get(f"{url}/health")
+            return response.status_code == 200
+        except httpx.TransportError:
+            return False
+    return False
+
+
+async def find_queen() -> str | None:
+    """The URL of a running queen, or None (see the module doc for the order)."""
+    url = queen_url_from_env()
+    if await is_healthy(url):
+        return url
+    record = read_record()
+    if record and pid_alive(int(record.get("pid", 0))) and await is_healthy(record["url"]):
+        return str(record["url"])
+    return None
+
+
+class EphemeralQueen:
+    """A queen we started for one command; ``shutdown()`` ends it and its cascade."""
+
+    def __init__(self, child: ChildProcess, url: str, show: "_Switch") -> None:
+        self.child = child
+        self.url = url
+        self._show = show
+
+    def mute(self, muted: bool) -> None:
+        """While a job streams, the queen's own stdout only repeats what the job's stream
+        carries (hives narrate on stdout *and* into the request): hide it meanwhile."""
+        self._show.muted = muted
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, show: Callable[[Event], None]) -> "EphemeralQueen":
+        """Start ``queen-rbee --port 0``; relay its narration to ``show`` (for its life)."""
+        with open(log_path(), "ab") as log:
+            child = ChildProcess([queen_program(), "--port", "0"], capture_stdout=True, stdin_pipe=True, stderr=log)
+        switch = _Switch(show)
+        url = await nursery.start(_relay_queen_stdout, child, switch)
+        return cls(child, url, switch)
+
+    def terminate(self) -> None:
+        """SIGTERM: the queen cancels its jobs and stops its hives, which stop their workers."""
+        self.child.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL (a second Ctrl-C): its hives still get SIGTERM through PR_SET_PDEATHSIG."""
+        self.child.send_signal(signal.SIGKILL)
+
+    async def shutdown(self) -> int:
+        """Graceful stop: SIGTERM, wait (bounded), SIGKILL if it hangs."""
+        with trio.CancelScope(shield=True):
+            self.terminate()
+            with trio.move_on_after(QUEEN_STOP_S):
+                return await self.child.wait()
+            self.kill()
+            return await self.child.wait()
+
+
+class _Switch:
+    """A ``show`` callable that can be muted."""
+
+    def __init__(self, show: Callable[[Event], None]) -> None:
+        self.show = show
+        self.muted = False
+
+    def __call__(self, event: Event) -> None:
+        if not self.muted:
+            self.show(event)
+
+
+async def _relay_queen_stdout(
+    child: ChildProcess, show: Callable[[Event], None], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    assert child.stdout is not None
+    decoder = jsonlines.Decoder(actor="queen-rbee")
+    url = None
+    with trio.move_on_after(QUEEN_START_S) as start_scope:
+        while url is None:
+            data = await child.stdout.receive_some()
+            for event in decoder.feed(data) if data else decoder.close():
+                show(event)
+                if isinstance(event, NarrationEvent) and event.action == "server_bind" and event.actor == "queen-rbee":
+                    url = str(event.extra.get("url"))
+            if not data:
+                break
+    if url is None:
+        child.send_signal(signal.SIGKILL)
+        why = "did not start in time" if start_scope.cancelled_caught else f"exited with {await child.wait()}"
+        raise QueenStartError(f"queen-rbee {why}; see {log_path()}")
+    task_status.started(url)
+    while True:
+        data = await child.stdout.receive_some()
+        for event in decoder.feed(data) if data else decoder.close():
+            show(event)
+        if not data:
+            return
+
+
+def start_persistent(port: int, host: str = "127.0.0.1") -> dict:
+    """Start a detached queen (its own session, outliving us); record and return URL/PID."""
+    log = log_path()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [queen_program(), "--host", host, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + QUEEN_START_S
+    while time.monotonic() < deadline:
+        for line in log.read_bytes().splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("action") == "server_bind":
+                record = {"url": obj["url"], "pid": proc.pid}
+                record_path().write_text(json.dumps(record))
+                return record
+        if proc.poll() is not None:
+            raise QueenStartError(f"queen-rbee exited with {proc.returncode}; see {log}")
+        time.sleep(0.05)
+    proc.kill()
+    raise QueenStartError(f"queen-rbee did not start within {QUEEN_START_S:.0f} s; see {log}")

@@ -1,0 +1,137 @@
+"""Run one job from the shell: find or start a queen, stream the job, handle Ctrl-C.
+
+Ctrl-C policy (the DESIGN's cascade):
+- first SIGINT: cancel the job scope. Leaving ``open_job_stream`` early sends
+  ``DELETE /v1/jobs/{id}`` (the queen cancels the job, which ``DELETE``s the inference on
+  the worker: decode stops within one token). We print ``Cancelled.`` and exit 130. An
+  ephemeral queen gets SIGTERM and shuts its hives and workers down after we are gone
+  (we wait for it only briefly, so that the exit stays within a second);
+- second SIGINT: SIGKILL the ephemeral queen (its hives still get SIGTERM through
+  PR_SET_PDEATHSIG) and exit 130 at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import trio
+
+from ..client import open_job_stream
+from ..errors import RbeeError
+from ..narration.events import End, Error, Token
+from .output import Output
+from .queen_control import EphemeralQueen, api_token, find_queen
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+#: After a Ctrl-C, how long we let an ephemeral queen finish before we exit anyway
+#: (it goes on shutting its cascade down without us).
+CANCEL_EXIT_WAIT_S = 0.5
+
+
+class _JobOutcome:
+    def __init__(self) -> None:
+        self.end: End | None = None
+        self.error: Error | None = None
+        self.first_token_s: float | None = None
+        self.tokens = 0
+
+
+async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobOutcome, started: float) -> None:
+    operation = request.get("operation", "infer")
+    out.narrate("job_submit", f"Submitting {operation} job to queen-rbee at {url}", target=operation)
+    async with open_job_stream(url, request, token=api_token()) as job:
+        async for event in job:
+            kind = type(event)
+            if kind is Token:
+                if outcome.first_token_s is None:
+                    outcome.first_token_s = time.monotonic() - started
+                outcome.tokens += 1
+                out.token(event.t)
+                continue
+            if kind is End:
+                outcome.end = event
+            elif kind is Error:
+                outcome.error = event
+            out.event(event)
+
+
+async def run_job(request: dict[str, Any], out: Output) -> int:
+    """Run ``request`` to the end on a queen; returns the process exit code."""
+    started = time.monotonic()
+    outcome = _JobOutcome()
+    queen: EphemeralQueen | None = None
+    cancelled = False
+    said_cancelled = False
+    with trio.open_signal_receiver(signal.SIGINT) as sigint:
+        async with trio.open_nursery() as nursery:
+            job_scope = trio.CancelScope()
+
+            async def watch_ctrl_c() -> None:
+                nonlocal cancelled
+                async for _ in sigint:
+                    if cancelled:  # the second Ctrl-C: end what is left, now
+                        if queen is not None:
+                            queen.kill()
+                        if not said_cancelled:
+                            out.line("Cancelled.")
+                        os._exit(EXIT_CANCELLED)
+                    cancelled = True
+                    job_scope.cancel()
+
+            nursery.start_soon(watch_ctrl_c)
+            code = EXIT_OK
+            with job_scope:
+                try:
+                    url = await find_queen()
+                    if url is None:
+                        queen = await EphemeralQueen.start(nursery, out.event)
+                        url = queen.url
+                        queen.mute(True)
+                    await _stream(url, request, out, outcome, started)
+                except RbeeError as exc:
+                    out.error(exc.message)
+                    code = EXIT_JOB_FAILED
+            out.end_text()
+            if cancelled:
+                out.line("Cancelled.")
+                said_cancelled = True
+                code = EXIT_CANCELLED
+            else:
+                if code == EXIT_OK:
+                    code = _report(request, out, outcome, time.monotonic() - started)
+            if queen is not None:
+                queen.mute(False)  # show the cascade shutting down
+                if cancelled:
+                    queen.terminate()
+                    with trio.move_on_after(CANCEL_EXIT_WAIT_S):
+                        await queen.child.wait()
+                else:
+                    await queen.shutdown()
+            nursery.cancel_scope.cancel()
+    return code
+
+
+def _report(request: dict[str, Any], out: Output, outcome: _JobOutcome, elapsed_s: float) -> int:
+    operation = request.get("operation", "infer")
+    if outcome.error is not None:
+        out.narrate("job_complete", f"Failed: {operation}", level="error", target=operation)
+        return EXIT_JOB_FAILED
+    out.narrate("job_complete", f"Complete: {operation}", target=operation)
+    if operation == "infer":
+        end = outcome.end
+        tokens = end.tokens_out if end else outcome.tokens
+        rate = end.tokens_per_sec if end else 0.0
+        first_ms = round(outcome.first_token_s * 1000) if outcome.first_token_s is not None else None
+        ttft = f", first token after {first_ms} ms" if first_ms is not None else ""
+        out.narrate(
+            "job_summary",
+            f"{tokens} tokens, {rate:.1f} tok/s{ttft} ({elapsed_s:.2f} s in all)",
+            tokens_out=tokens,
+            tokens_per_sec=round(rate, 2),
+            first_token_ms=first_ms,
+            elapsed_ms=round(elapsed_s * 1000),
+        )
+    return EXIT_OK

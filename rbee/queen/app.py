@@ -1,0 +1,235 @@
+"""The queen's HTTP API (quart-trio): jobs, nodes, workers, models, shutdown.
+
+Every error leaves as rbee's JSON envelope. Streams are SSE whose body generator reads the
+job's channel: it batches whatever events are ready into one write, sends ``: ping``
+after ``ping_interval_s`` of quiet, and ``data: [DONE]`` when the job's task has ended.
+If the client goes away first (Quart cancels the response and closes the generator), the
+job is cancelled unless it was submitted with ``"detach": true``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..errors import InvalidRequestError, NotFoundError, RbeeError
+from ..narration import narrate, sse
+from .asyncio_bridge import AsyncioBridge
+from .hives import Hive, HiveManager
+from .infer import InferJob, live_worker_state, validate_infer
+from .jobs import Job, JobRegistry
+from .nodes import Node, NodeRegistry, validate_node_fields
+from .operations import DownloadJob, validate_download
+from .ssh import probe_node
+
+ACTOR = "queen-rbee"
+
+
+@dataclass
+class QueenState:
+    """Everything the routes need; built by ``serve()``."""
+
+    nodes: NodeRegistry
+    hives: HiveManager
+    jobs: JobRegistry
+    http: httpx.AsyncClient
+    bridge: AsyncioBridge
+    shutdown: trio.Event = field(default_factory=trio.Event)
+    api_token: str | None = None
+    ping_interval_s: float = 15.0
+
+
+def _json_body(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return body
+
+
+def create_app(state: QueenState) -> QuartTrio:
+    """The quart-trio app of one queen."""
+    app = QuartTrio("queen-rbee")
+    # Streams live as long as their job (a model download can take many minutes).
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = None
+    infer_job = InferJob(state.nodes, state.hives, state.http)
+    download_job = DownloadJob(state.nodes, state.hives, state.http)
+
+    @app.errorhandler(RbeeError)
+    async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int]:
+        return exc.envelope(), exc.http_status
+
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
+        return NotFoundError(f"no route {request.method} {request.path}").envelope(), 404
+
+    @app.before_request
+    async def check_token() -> Any:
+        if state.api_token is None or request.path == "/health":
+            return None
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {state.api_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return {"error": {"code": "unauthorized", "message": "missing or wrong bearer token (RBEE_API_TOKEN)", "details": None}}, 401
+        return None
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "jobs": len(state.jobs.list()), "hives": [h.node.name for h in state.hives.running()]}
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def submit(body: dict[str, Any]) -> Job:
+        operation = body.get("operation", "infer")
+        if operation == "infer":
+            return state.jobs.submit("infer", validate_infer(body), infer_job.run, detach=bool(body.get("detach")))
+        if operation == "download":
+            return state.jobs.submit("download", validate_download(body), download_job.run, detach=bool(body.get("detach")))
+        raise InvalidRequestError(
+            f"unknown operation {operation!r}",
+            details=[{"field": "operation", "constraint": "infer|download", "message": "what the job does"}],
+        )
+
+    def stream_response(job: Job) -> Response:
+        response = Response(
+            _job_events(state, job),
+            status=200,
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Rbee-Job-Id": job.job_id},
+        )
+        response.timeout = None
+        return response
+
+    @app.post("/v1/jobs")
+    async def create_job() -> tuple[dict[str, Any], int]:
+        job = submit(_json_body(await request.get_json(force=True, silent=True)))
+        return {"job_id": job.job_id, "sse_url": f"/v1/jobs/{job.job_id}/stream"}, 201
+
+    @app.post("/v2/tasks")
+    async def one_shot_task() -> Response:
+        job = submit(_json_body(await request.get_json(force=True, silent=True)))
+        return stream_response(state.jobs.take_stream(job.job_id))
+
+    @app.get("/v1/jobs")
+    async def list_jobs() -> dict[str, Any]:
+        return {"jobs": [j.public() for j in state.jobs.list()]}
+
+    @app.get("/v1/jobs/<job_id>/stream")
+    async def job_stream(job_id: str) -> Response:
+        return stream_response(state.jobs.take_stream(job_id))
+
+    @app.delete("/v1/jobs/<job_id>")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = state.jobs.get(job_id)
+        job.cancel()
+        return {"job_id": job_id, "state": job.state if job.finished.is_set() else "cancelling"}
+
+    # -- nodes --------------------------------------------------------------------------
+
+    @app.get("/v1/nodes")
+    async def list_nodes() -> dict[str, Any]:
+        return {"nodes": [n.public() for n in state.nodes.list()]}
+
+    @app.post("/v1/nodes")
+    async def add_node() -> tuple[dict[str, Any], int]:
+        fields = validate_node_fields(_json_body(await request.get_json(force=True, silent=True)))
+        candidate = Node(**fields)
+        narrate(ACTOR, "ssh_probe", f"Testing SSH to node {candidate.name} ({candidate.ssh_host}:{candidate.ssh_port})", node=candidate.name)
+        detect, host_key = await probe_node(state.bridge, candidate)
+        stored = state.nodes.put(Node(**{**fields, "detect": detect, "host_key": host_key or None}))
+        narrate(ACTOR, "node_add", f"Node {stored.name} added: {detect.get('hostname', '?')}", node=stored.name)
+        return stored.public(), 201
+
+    @app.delete("/v1/nodes/<name>")
+    async def remove_node(name: str) -> dict[str, Any]:
+        state.nodes.remove(name)
+        return {"removed": name}
+
+    # -- workers and models (through the running hives) ---------------------------------
+
+    @app.get("/v1/workers")
+    async def list_workers() -> dict[str, Any]:
+        # The hives learn idle/busy by polling (about once a second); ask each worker
+        # itself so that a worker that just finished shows idle at once.
+        workers: list[dict[str, Any]] = []
+
+        async def refine(hive: Hive, worker: dict[str, Any]) -> None:
+            if worker.get("state") in ("idle", "busy"):
+                url = await hive.reach(worker["url"])
+                worker["state"] = await live_worker_state(state.http, url, worker.get("api_key")) or worker["state"]
+
+        async with trio.open_nursery() as nursery:
+            for hive in state.hives.running():
+                listing = await hive.request("GET", "/v1/workers")
+                for worker in listing.get("workers", []):
+                    worker["node"] = hive.node.name
+                    workers.append(worker)
+                    nursery.start_soon(refine, hive, worker)
+        return {"workers": [{k: v for k, v in w.items() if k != "api_key"} for w in workers]}
+
+    @app.post("/v1/workers/shutdown")
+    async def shutdown_workers() -> dict[str, Any]:
+        body = await request.get_json(force=True, silent=True) or {}
+        node, worker_id = body.get("node"), body.get("worker_id")
+        stopped = []
+        for hive in state.hives.running():
+            if node and hive.node.name != node:
+                continue
+            listing = await hive.request("GET", "/v1/workers")
+            for worker in listing.get("workers", []):
+                if worker_id and worker.get("worker_id") != worker_id:
+                    continue
+                await hive.request("POST", f"/v1/workers/{worker['worker_id']}/shutdown")
+                stopped.append({"node": hive.node.name, "worker_id": worker["worker_id"]})
+        if worker_id and not stopped:
+            raise NotFoundError(f"no worker {worker_id!r} on the running hives (see `rbee-keeper workers list`)")
+        return {"stopped": stopped}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        node = state.nodes.get(request.args.get("node") or "localhost")
+        hive = state.hives.get(node.name) or await state.hives.ensure(node)
+        listing = await hive.request("GET", "/v1/models")
+        return {"node": node.name, **(listing if isinstance(listing, dict) else {"models": listing})}
+
+    @app.post("/v1/shutdown")
+    async def shutdown() -> tuple[dict[str, Any], int]:
+        narrate(ACTOR, "shutdown", "Shutdown requested over HTTP")
+        state.shutdown.set()
+        return {"status": "shutting_down"}, 202
+
+    return app
+
+
+async def _job_events(state: QueenState, job: Job) -> AsyncIterator[bytes]:
+    """The SSE body of one job: its events, pings when quiet, ``[DONE]`` at its end."""
+    finished = False
+    try:
+        while True:
+            # No yield inside the cancel scope: a generator must not suspend inside one.
+            batch: list[bytes] = []
+            with trio.move_on_after(state.ping_interval_s):
+                try:
+                    batch.append(sse.encode(await job.receive.receive()))
+                except trio.EndOfChannel:
+                    break
+                # Whatever else is ready goes into the same write (tokens come in bursts).
+                while True:
+                    try:
+                        batch.append(sse.encode(job.receive.receive_nowait()))
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+            yield b"".join(batch) if batch else sse.encode_ping()
+        finished = True
+        yield sse.encode_done()
+    finally:
+        # Synchronous on purpose: this runs while the response is being cancelled.
+        if finished:
+            state.jobs.forget(job)
+        elif not job.detach and not job.finished.is_set():
+            job.cancel()

@@ -1,0 +1,272 @@
+"""The hives the queen started: a local child process, or ``rbee-hive daemon`` over SSH.
+
+A hive lives as long as the queen (not the job that needed it first), so its task runs in
+the queen's hive nursery. That task reads the hive's stdout (JSON-lines narration through
+the codec) for the hive's whole life and hands every event to the sinks listening at the
+moment: the job that is starting the hive (so its startup narration reaches that job's
+stream, in order), a job that is waiting for a spawn (download progress), and otherwise the
+queen's own process sink. One lock per node makes concurrent jobs share one start.
+
+Shutdown order (``stop_all``): EOF on the hive's stdin (pipe for a child, the SSH channel
+for a remote hive); the hive shuts its workers down and exits; SIGTERM/SIGKILL for a local
+hive that does not, after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from ..client.jobs import error_from_response
+from ..errors import RbeeError, SshError, WorkerError
+from ..narration import get_process_sink, jsonlines, narrate
+from ..narration.events import Event, NarrationEvent
+from .asyncio_bridge import AsyncioBridge
+from .children import ChildProcess
+from .nodes import Node
+from .ssh import SshHive
+
+ACTOR = "queen-rbee"
+HIVE_ACTOR = "rbee-hive"
+STOP_GRACE_S = 10.0
+
+
+class HiveStartError(RbeeError):
+    """A hive exited or broke before it said ``hive_ready``."""
+
+    code = "hive_start_failed"
+    http_status = 502
+
+
+class Hive:
+    """One running hive as the queen sees it: its node, HTTP URL and narration fan-out."""
+
+    def __init__(self, node: Node, http: httpx.AsyncClient) -> None:
+        self.node = node
+        self.http = http
+        # The per-node key the queen mints for each hive it starts (DESIGN: "per-node and
+        # per-worker keys minted by the parent"); the hive gets it through --token-file.
+        self.token = secrets.token_urlsafe(32)
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.url = ""  # reachable from the queen (through the SSH forward for a remote node)
+        self.listeners: list[Callable[[Event], None]] = []
+        self.ready = trio.Event()
+        self.exited = trio.Event()
+        self.model_refs: dict[str, str] = {}  # requested model -> the hive's model_ref
+        self.in_use: set[str] = set()  # worker ids a job of this queen is using now
+        self.released: set[str] = set()  # worker ids whose last job (ours) has ended
+        self.known: dict[str, dict[str, Any]] = {}  # worker id -> what the hive told us
+        self.ssh: SshHive | None = None
+        self.child: ChildProcess | None = None
+        self._forwards: dict[int, int] = {}  # node port -> local port
+        self._last_lines: list[str] = []
+
+    def relay(self, event: Event) -> None:
+        """Hand one event of the hive's stdout to whoever listens (else the queen's stdout)."""
+        if isinstance(event, NarrationEvent) and event.action == "stdout":
+            self.remember(event.human)
+        if self.listeners:
+            for sink in list(self.listeners):
+                try:
+                    sink(event)
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        elif isinstance(event, NarrationEvent):
+            get_process_sink()(event)
+
+    def remember(self, line: str) -> None:
+        """Keep the last few lines of the hive's non-narration output for error messages."""
+        self._last_lines = (self._last_lines + [line[:300]])[-5:]
+
+    def listen(self, sink: Callable[[Event], None]) -> "_Listening":
+        """``with hive.listen(sink):`` the hive's stdout narration also goes to ``sink``."""
+        return _Listening(self, sink)
+
+    async def reach(self, url: str) -> str:
+        """A URL on the node (a worker's) as the queen can reach it."""
+        if self.ssh is None:
+            return url
+        parts = urlsplit(url)
+        port = parts.port or 80
+        local = self._forwards.get(port)
+        if local is None:
+            local = self._forwards[port] = await self.ssh.forward(port)
+        return f"http://127.0.0.1:{local}{parts.path}".rstrip("/")
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the hive's HTTP API; returns the JSON body, raises the envelope's error."""
+        try:
+            response = await self.http.request(method, self.url + path, headers=self.headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise WorkerError(f"rbee-hive on node {self.node.name!r} does not answer ({exc})") from None
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json() if response.content else None
+
+    def failure_hint(self) -> str:
+        """The hive's last lines of non-narration output, for an error message."""
+        return " | ".join(self._last_lines) or "no output"
+
+
+class _Listening:
+    def __init__(self, hive: Hive, sink: Callable[[Event], None]) -> None:
+        self.hive, self.sink = hive, sink
+
+    def __enter__(self) -> None:
+        self.hive.listeners.append(self.sink)
+
+    def __exit__(self, *exc: object) -> None:
+        self.hive.listeners.remove(self.sink)
+
+
+def default_local_hive_command() -> str:
+    """``rbee-hive`` beside our interpreter (a virtualenv's bin/), else on PATH."""
+    sibling = Path(sys.executable).parent / "rbee-hive"
+    return shlex.quote(str(sibling)) if sibling.exists() else "rbee-hive"
+
+
+class HiveManager:
+    """Starts at most one hive per node, on demand, and stops them all at shutdown."""
+
+    def __init__(
+        self, nursery: trio.Nursery, bridge: AsyncioBridge, http: httpx.AsyncClient, run_dir: Path
+    ) -> None:
+        self._run_dir = run_dir
+        self._nursery = nursery
+        self._bridge = bridge
+        self._http = http
+        self._hives: dict[str, Hive] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    def running(self) -> list[Hive]:
+        """The hives that are up now."""
+        return [h for h in self._hives.values() if h.ready.is_set() and not h.exited.is_set()]
+
+    def get(self, name: str) -> Hive | None:
+        """The running hive of node ``name``, if any."""
+        hive = self._hives.get(name)
+        return hive if hive is not None and not hive.exited.is_set() else None
+
+    async def ensure(self, node: Node, sink: Callable[[Event], None] | None = None) -> Hive:
+        """The node's hive, started now if needed; its startup narration goes to ``sink``."""
+        lock = self._locks.setdefault(node.name, trio.Lock())
+        async with lock:
+            hive = self.get(node.name)
+            if hive is not None:
+                return hive
+            hive = Hive(node, self._http)
+            if sink is not None:
+                hive.listeners.append(sink)
+            try:
+                await self._nursery.start(self._run_hive, hive)
+            finally:
+                if sink is not None:
+                    hive.listeners.remove(sink)
+            self._hives[node.name] = hive
+            return hive
+
+    async def _run_hive(self, hive: Hive, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        node = hive.node
+        where = "as a local child process" if node.is_local else f"over SSH ({node.ssh_host}:{node.ssh_port})"
+        narrate(ACTOR, "hive_start", f"Starting rbee-hive on node {node.name} {where}", target=node.name, node=node.name)
+        try:
+            if node.is_local:
+                token_file = self._write_token(node.name, hive.token)
+                argv = shlex.split(node.rbee_hive_command) + [
+                    "daemon", "--port", str(node.hive_port), "--token-file", str(token_file),
+                ]
+                hive.child = ChildProcess(argv, capture_stdout=True, stdin_pipe=True)
+                assert hive.child.stdout is not None
+                await self._pump(hive, hive.child.stdout.receive_some, task_status)
+            else:
+                hive.ssh = SshHive(self._bridge, node, hive.token)
+                await hive.ssh.start()
+                # Not a nested nursery: task_status.started() must be called from this task
+                # with no nursery of its own open. The drain ends at the channel's EOF.
+                self._nursery.start_soon(self._drain_stderr, hive, hive.ssh.read_stderr)
+                await self._pump(hive, hive.ssh.read_stdout, task_status)
+        finally:
+            hive.exited.set()
+            with trio.CancelScope(shield=True):
+                await self._stop_transport(hive)
+
+    def _write_token(self, name: str, token: str) -> Path:
+        """A 0600 file holding the hive's token (a command line is visible to all users)."""
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        path = self._run_dir / f"hive-{name}.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return path
+
+    async def _pump(self, hive: Hive, read: Callable[[], Any], task_status: trio.TaskStatus[None]) -> None:
+        decoder = jsonlines.Decoder(actor=HIVE_ACTOR)
+        started = False
+        while True:
+            data = await read()
+            events = decoder.feed(data) if data else decoder.close()
+            for event in events:
+                hive.relay(event)
+                if not isinstance(event, NarrationEvent) or event.actor != HIVE_ACTOR:
+                    continue
+                if event.action == "server_bind" and not hive.url:
+                    port = int(event.extra.get("port") or urlsplit(str(event.extra.get("url"))).port)
+                    hive.url = await hive.reach(f"http://127.0.0.1:{port}")
+                elif event.action == "hive_ready" and not started and hive.url:
+                    started = True
+                    hive.ready.set()
+                    task_status.started()
+            if not data:
+                break
+        if not started:
+            raise HiveStartError(
+                f"rbee-hive on node {hive.node.name} exited before it was ready ({hive.failure_hint()});"
+                f" check that `{hive.node.rbee_hive_command} daemon` runs there"
+            )
+        narrate(ACTOR, "hive_exit", f"rbee-hive on node {hive.node.name} has exited", node=hive.node.name)
+
+    async def _drain_stderr(self, hive: Hive, read: Callable[[], Any]) -> None:
+        # The remote hive's stderr: into the queen's stderr (its log) and the error hint.
+        partial = b""
+        while data := await read():
+            sys.stderr.buffer.write(data)
+            sys.stderr.flush()
+            *lines, partial = (partial + data).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    hive.remember(line.decode("utf-8", "replace"))
+
+    async def _stop_transport(self, hive: Hive) -> None:
+        if hive.child is not None:
+            await hive.child.stop(STOP_GRACE_S)
+            await hive.child.aclose()
+        if hive.ssh is not None:
+            try:
+                await hive.ssh.close(STOP_GRACE_S)
+            except (SshError, OSError, trio.BrokenResourceError):
+                pass
+
+    async def stop_all(self) -> None:
+        """Shut every hive down (EOF on stdin; they stop their workers), in parallel."""
+        hives = [h for h in self._hives.values() if not h.exited.is_set()]
+        for hive in hives:
+            narrate(ACTOR, "hive_stop", f"Stopping rbee-hive on node {hive.node.name}", node=hive.node.name)
+        async with trio.open_nursery() as nursery:
+            for hive in hives:
+                nursery.start_soon(self._stop_one, hive)
+
+    async def _stop_one(self, hive: Hive) -> None:
+        if hive.child is not None:
+            hive.child.close_stdin()
+        elif hive.ssh is not None:
+            await hive.ssh.close(STOP_GRACE_S)
+        with trio.move_on_after(STOP_GRACE_S * 2):
+            await hive.exited.wait()

@@ -1,0 +1,198 @@
+"""The queen's node registry: ``$RBEE_HOME/nodes.db`` (SQLite).
+
+One row per node: its name, how to reach it over SSH (host, port, user, key file, the
+server's host key pinned when the node was added), the command that runs ``rbee-hive``
+there, the hive's port (0: let the hive pick one; we learn it from its ``server_bind``),
+and what ``rbee-hive detect`` reported when the node was added.
+
+``localhost`` is built in and never stored: its hive is a child process of the queen and
+needs no SSH. The database is tiny and touched only when nodes are added, removed or
+listed, so the calls are synchronous (a few hundred microseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequestError, NotFoundError
+
+LOCALHOST = "localhost"
+DEFAULT_HIVE_COMMAND = "rbee-hive"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    ssh_host TEXT NOT NULL,
+    ssh_port INTEGER NOT NULL,
+    ssh_user TEXT,
+    ssh_key TEXT,
+    host_key TEXT,
+    rbee_hive_command TEXT NOT NULL,
+    hive_port INTEGER NOT NULL,
+    detect TEXT NOT NULL,
+    added_at_ms INTEGER NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One node of the cluster; ``ssh_host`` is None for the built-in ``localhost``."""
+
+    name: str
+    ssh_host: str | None = None
+    ssh_port: int = 22
+    ssh_user: str | None = None
+    ssh_key: str | None = None
+    host_key: str | None = None  # OpenSSH public key line of the server, pinned at add time
+    rbee_hive_command: str = DEFAULT_HIVE_COMMAND
+    hive_port: int = 0
+    detect: dict[str, Any] = field(default_factory=dict)
+    added_at_ms: int = 0
+
+    @property
+    def is_local(self) -> bool:
+        """True for the built-in node whose hive is the queen's own child."""
+        return self.ssh_host is None
+
+    def public(self) -> dict[str, Any]:
+        """The JSON form shown by ``GET /v1/nodes`` (no secrets: a key *path* only)."""
+        return asdict(self)
+
+
+def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``POST /v1/nodes`` body; returns the clean fields or raises 400."""
+    problems = []
+    name = body.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        problems.append({"field": "name", "constraint": "[A-Za-z0-9._-]{1,63}", "message": "a short node name"})
+    elif name == LOCALHOST:
+        problems.append({"field": "name", "constraint": "not localhost", "message": "localhost is built in"})
+    host = body.get("ssh_host")
+    if not isinstance(host, str) or not host or host.startswith("-"):
+        problems.append({"field": "ssh_host", "constraint": "required", "message": "the SSH host name or address"})
+    port = body.get("ssh_port", 22)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        problems.append({"field": "ssh_port", "constraint": "1..65535", "message": "the SSH port"})
+    hive_port = body.get("hive_port", 0)
+    if not isinstance(hive_port, int) or isinstance(hive_port, bool) or not 0 <= hive_port < 65536:
+        problems.append({"field": "hive_port", "constraint": "0..65535", "message": "0 lets the hive pick"})
+    command = body.get("rbee_hive_command") or DEFAULT_HIVE_COMMAND
+    if not isinstance(command, str):
+        problems.append({"field": "rbee_hive_command", "constraint": "string", "message": "a shell command"})
+    for key in ("ssh_user", "ssh_key"):
+        if body.get(key) is not None and not isinstance(body.get(key), str):
+            problems.append({"field": key, "constraint": "string", "message": f"{key} is a string"})
+    if problems:
+        raise InvalidRequestError("invalid node: " + "; ".join(p["field"] for p in problems), details=problems)
+    return {
+        "name": name,
+        "ssh_host": host,
+        "ssh_port": port,
+        "ssh_user": body.get("ssh_user") or None,
+        "ssh_key": body.get("ssh_key") or None,
+        "rbee_hive_command": command,
+        "hive_port": hive_port,
+    }
+
+
+class NodeRegistry:
+    """The node table in ``nodes.db`` plus the built-in ``localhost``."""
+
+    def __init__(self, db_path: Path, *, local_hive_command: str = DEFAULT_HIVE_COMMAND) -> None:
+        self.db_path = db_path
+        self.localhost = Node(name=LOCALHOST, rbee_hive_command=local_hive_command)
+        with self._connect() as db:
+            db.execute(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def list(self) -> list[Node]:
+        """Every node, ``localhost`` first, then by name."""
+        db = self._connect()
+        try:
+            rows = db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
+        finally:
+            db.close()
+        return [self.localhost] + [_row_to_node(r) for r in rows]
+
+    def get(self, name: str) -> Node:
+        """The node called ``name``; ``NotFoundError`` naming the fix when unknown."""
+        if name == LOCALHOST:
+            return self.localhost
+        db = self._connect()
+        try:
+            row = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            raise NotFoundError(
+                f"no node named {name!r}; add it with `rbee-keeper setup add-node {name} --ssh-host HOST`"
+                " or use --node localhost"
+            )
+        return _row_to_node(row)
+
+    def put(self, node: Node) -> Node:
+        """Insert or replace ``node``; returns it as stored."""
+        if node.is_local:
+            raise InvalidRequestError("localhost is built in and cannot be stored")
+        stored = Node(**{**asdict(node), "added_at_ms": node.added_at_ms or int(time.time() * 1000)})
+        db = self._connect()
+        try:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        stored.name,
+                        stored.ssh_host,
+                        stored.ssh_port,
+                        stored.ssh_user,
+                        stored.ssh_key,
+                        stored.host_key,
+                        stored.rbee_hive_command,
+                        stored.hive_port,
+                        json.dumps(stored.detect),
+                        stored.added_at_ms,
+                    ),
+                )
+        finally:
+            db.close()
+        return stored
+
+    def remove(self, name: str) -> None:
+        """Forget node ``name``; ``NotFoundError`` when unknown."""
+        if name == LOCALHOST:
+            raise InvalidRequestError("localhost is built in and cannot be removed")
+        db = self._connect()
+        try:
+            with db:
+                cursor = db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        finally:
+            db.close()
+        if cursor.rowcount == 0:
+            raise NotFoundError(f"no node named {name!r} (see `rbee-keeper setup list-nodes`)")
+
+
+def _row_to_node(row: sqlite3.Row) -> Node:
+    return Node(
+        name=row["name"],
+        ssh_host=row["ssh_host"],
+        ssh_port=row["ssh_port"],
+        ssh_user=row["ssh_user"],
+        ssh_key=row["ssh_key"],
+        host_key=row["host_key"],
+        rbee_hive_command=row["rbee_hive_command"],
+        hive_port=row["hive_port"],
+        detect=json.loads(row["detect"]),
+        added_at_ms=row["added_at_ms"],
+    )

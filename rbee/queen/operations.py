@@ -1,0 +1,61 @@
+"""Job operations besides ``infer``: ``download`` (a model onto a node's hive).
+
+A download is a job like an inference, so that the keeper shows its progress bar through
+the same stream and Ctrl-C cancels it the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ..client.jobs import error_from_response
+from ..errors import InvalidRequestError, JobError
+from ..narration import narrate, sse
+from ..narration.events import Done, Error
+from .hives import HiveManager
+from .jobs import Job
+from .nodes import LOCALHOST, NodeRegistry
+
+ACTOR = "queen-rbee"
+
+
+def validate_download(body: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``download`` request (``model`` required, ``node`` defaults to localhost)."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequestError(
+            "invalid download request: model",
+            details=[{"field": "model", "constraint": "non-empty string", "message": "model is required"}],
+        )
+    return {**body, "node": body.get("node") or LOCALHOST}
+
+
+class DownloadJob:
+    """Runs one ``download`` request: the hive provisions, we relay its progress SSE."""
+
+    def __init__(self, nodes: NodeRegistry, hives: HiveManager, http: httpx.AsyncClient) -> None:
+        self.nodes, self.hives, self.http = nodes, hives, http
+
+    async def run(self, job: Job) -> None:
+        """The job's body."""
+        model = job.request["model"]
+        node = self.nodes.get(job.request["node"])
+        narrate(ACTOR, "route_job", f"Routing download of {model} to node {node.name}", target=node.name, node=node.name)
+        hive = self.hives.get(node.name) or await self.hives.ensure(node, job.sink)
+        started = await hive.request("POST", "/v1/models/download", json={"model": model})
+        download_id = started["download_id"]
+        async with self.http.stream("GET", f"{hive.url}/v1/models/download/{download_id}/progress", headers=hive.headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise error_from_response(response)
+            decoder = sse.Decoder()
+            async for chunk in response.aiter_raw():
+                for event in decoder.feed(chunk):
+                    if isinstance(event, Done):
+                        narrate(ACTOR, "download_complete", f"{model} is on node {node.name}", target=model, node=node.name)
+                        return
+                    if isinstance(event, Error):
+                        raise JobError(event.message, code=event.code)
+                    job.sink(event)
+        raise JobError(f"the download progress stream of {model} on {node.name} stopped without [DONE]")

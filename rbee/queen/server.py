@@ -1,0 +1,113 @@
+"""``serve(config)``: run one queen until shutdown (``POST /v1/shutdown``, SIGTERM, SIGINT).
+
+Nursery layout (outermost first), which is also the shutdown order:
+
+1. the outer nursery holds the HTTP server and the hive tasks;
+2. the job nursery holds every job. Shutdown cancels it first: each job narrates
+   ``execute_cancelled`` and its stream ends with ``[DONE]``;
+3. after a short drain (so that those ``[DONE]`` reach the clients), the hives are told to
+   stop (EOF on stdin; they stop their workers), then the server and the outer nursery end,
+   then the asyncio bridge thread stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..narration import narrate
+from ..paths import rbee_home
+from .app import QueenState, create_app
+from .asyncio_bridge import AsyncioBridge
+from .hives import HiveManager, default_local_hive_command
+from .jobs import JobRegistry
+from .nodes import NodeRegistry
+
+ACTOR = "queen-rbee"
+#: How long finished job streams may take to deliver their last bytes at shutdown.
+DRAIN_S = 0.5
+
+
+@dataclass
+class QueenConfig:
+    """How one queen runs; ``port=0`` picks a free port (announced by ``server_bind``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    home: Path | None = None  # RBEE_HOME; None: from the environment
+    api_token: str | None = None  # None: RBEE_API_TOKEN from the environment, if set
+    local_hive_command: str | None = None  # None: $RBEE_HIVE_COMMAND, else rbee-hive beside our interpreter
+    ping_interval_s: float = 15.0
+    handle_signals: bool = False  # SIGTERM/SIGINT start a graceful shutdown (the CLI sets it)
+
+
+async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the queen until it is told to shut down; ``task_status.started(port)`` once bound."""
+    home = config.home or rbee_home()
+    token = config.api_token if config.api_token is not None else (os.environ.get("RBEE_API_TOKEN") or None)
+    narrate(ACTOR, "queen_start", f"queen-rbee starting (state in {home})")
+    nodes = NodeRegistry(home / "nodes.db", local_hive_command=config.local_hive_command or os.environ.get("RBEE_HIVE_COMMAND") or default_local_hive_command())
+    bridge = AsyncioBridge()
+    try:
+        async with httpx.AsyncClient(timeout=None) as http, trio.open_nursery() as outer:
+            hives = HiveManager(outer, bridge, http, home / "run")
+            async with trio.open_nursery() as job_nursery:
+                state = QueenState(
+                    nodes=nodes,
+                    hives=hives,
+                    jobs=JobRegistry(job_nursery),
+                    http=http,
+                    bridge=bridge,
+                    api_token=token,
+                    ping_interval_s=config.ping_interval_s,
+                )
+                if config.handle_signals:
+                    job_nursery.start_soon(_watch_signals, state.shutdown)
+                port = await outer.start(_serve_http, state, config)
+                url = f"http://127.0.0.1:{port}" if config.host in ("127.0.0.1", "0.0.0.0", "localhost") else f"http://{config.host}:{port}"
+                narrate(ACTOR, "server_bind", f"queen-rbee listening on {url}", port=port, url=url)
+                narrate(ACTOR, "queen_ready", "queen-rbee is ready for jobs")
+                task_status.started(port)
+                await state.shutdown.wait()
+                narrate(ACTOR, "queen_shutdown", "queen-rbee shutting down: cancelling jobs, stopping hives")
+                job_nursery.cancel_scope.cancel()
+            # Streams being read drop their job once [DONE] is written: wait for that.
+            with trio.move_on_after(DRAIN_S):
+                while any(job.stream_taken for job in state.jobs.list()):
+                    await trio.sleep(0.02)
+            with trio.CancelScope(shield=True):
+                await hives.stop_all()
+            outer.cancel_scope.cancel()
+    finally:
+        bridge.close()
+    narrate(ACTOR, "queen_stopped", "queen-rbee stopped")
+
+
+async def _serve_http(state: QueenState, config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    hc = HypercornConfig()
+    hc.bind = [f"{config.host}:{config.port}"]
+    hc.accesslog = None
+    hc.errorlog = None
+    hc.graceful_timeout = DRAIN_S
+    hc.keep_alive_timeout = 75.0
+    app = create_app(state)
+
+    async def started_port(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn_serve(app, hc, task_status=task_status)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(started_port)
+        task_status.started(int(bound[0].rsplit(":", 1)[1]))
+
+
+async def _watch_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            shutdown.set()
