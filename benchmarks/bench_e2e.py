@@ -10,8 +10,10 @@ Compares, with the embedded Gemma-3 270M model, greedy decoding, the same prompt
 
 Runs alternate (worker, client, worker, client, ...) so that both see the same load.
 Time to first token (TTFT) is measured by the caller from sending the request to
-receiving the first token; tok/s from the first to the last token. Goals: e2e tok/s >=
-0.95 x worker SSE; warm TTFT overhead <= 15 ms.
+receiving the first token; tok/s from the first to the last token. The keeper's figures
+are its own ``job_summary`` (TTFT from the start of its job, tok/s as the worker reports).
+Medians and best-of-runs are both printed: on a shared 2-core machine the best run is the
+least disturbed one. Goals: e2e tok/s >= 0.95 x worker SSE; warm TTFT overhead <= 15 ms.
 
     python benchmarks/bench_e2e.py [--runs 5] [--max-tokens 100]
 """
@@ -79,7 +81,7 @@ async def worker_run(url: str, key: str, max_tokens: int) -> tuple[float, float,
     """(ttft_ms, tok/s, tokens) of one request straight to the worker."""
     body = {"job_id": "bench-" + secrets.token_hex(4), "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
     times: list[float] = []
-    async with httpx.AsyncClient(timeout=None, headers={"Authorization": f"Bearer {key}"}) as client:
+    async with httpx.AsyncClient(timeout=None, verify=False, headers={"Authorization": f"Bearer {key}"}) as client:
         start = time.perf_counter()
         async with client.stream("POST", f"{url}/v1/inference", json=body) as response:
             decoder = sse.Decoder()
@@ -166,15 +168,25 @@ def main() -> int:
     def med(rows: list[tuple[float, float, int]], i: int) -> float:
         return statistics.median(r[i] for r in rows)
 
-    print(f"bench_e2e: {args.runs} runs each, {args.max_tokens} max tokens, greedy, 2 threads, alternating")
+    def best(rows: list[tuple[float, float, int]], i: int) -> float:
+        # Best of the runs: on a shared machine the least-disturbed run is the truest.
+        return min(r[i] for r in rows) if i == 0 else max(r[i] for r in rows)
+
+    print(f"bench_e2e: {args.runs} runs each, {args.max_tokens} max tokens, greedy, alternating runs")
     print(f"cold first job through the queen (hive start + worker spawn + load): TTFT {cold[0]:.0f} ms")
-    print(f"{'path':34s} {'tok/s':>8s} {'TTFT ms':>9s} {'tokens':>7s}")
-    for name, rows in (("worker SSE (direct)", direct), ("client -> queen -> worker", e2e), ("keeper -> queen -> worker (CLI)", cli)):
-        print(f"{name:34s} {med(rows, 1):8.1f} {med(rows, 0):9.1f} {med(rows, 2):7.0f}")
-    print(f"ratio e2e/worker tok/s: client {med(e2e, 1) / med(direct, 1):.3f}, keeper {med(cli, 1) / med(direct, 1):.3f}  (goal >= 0.95)")
+    print(f"{'path':34s} {'tok/s med':>9s} {'best':>7s} {'TTFT ms med':>12s} {'best':>7s} {'tokens':>7s}")
+    paths = (("worker SSE (direct)", direct), ("client -> queen -> worker", e2e), ("keeper -> queen -> worker (CLI)", cli))
+    for name, rows in paths:
+        print(f"{name:34s} {med(rows, 1):9.1f} {best(rows, 1):7.1f} {med(rows, 0):12.1f} {best(rows, 0):7.1f} {med(rows, 2):7.0f}")
+    for label, pick in (("median", med), ("best", best)):
+        print(
+            f"{label:6s}: e2e/worker tok/s client {pick(e2e, 1) / pick(direct, 1):.3f}, keeper {pick(cli, 1) / pick(direct, 1):.3f}"
+            f" (goal >= 0.95); warm TTFT overhead client {pick(e2e, 0) - pick(direct, 0):+.1f} ms,"
+            f" keeper {pick(cli, 0) - pick(direct, 0):+.1f} ms (goal <= 15 ms)"
+        )
     relayed = sum(r[2] for r in e2e)
     print(f"queen CPU per relayed token: {queen_cpu * 1000 / relayed:.2f} ms (a decode step here: {1000 / med(direct, 1):.1f} ms)")
-    print(f"warm TTFT overhead: client {med(e2e, 0) - med(direct, 0):+.1f} ms, keeper {med(cli, 0) - med(direct, 0):+.1f} ms  (goal <= 15 ms)")
+    print(f"load average after the run: {os.getloadavg()[0]:.2f} (2 cores; other work on the machine skews every figure)")
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 import httpx
 import trio
 
+from ..client.jobs import tls_verify
 from ..errors import RbeeError
 from ..narration import jsonlines
 from ..narration.events import Event, NarrationEvent
@@ -93,7 +94,7 @@ async def is_healthy(url: str) -> bool:
     """True if a queen answers ``GET /health`` at ``url`` quickly."""
     with trio.move_on_after(HEALTH_PROBE_S):
         try:
-            async with httpx.AsyncClient(timeout=None) as client:
+            async with httpx.AsyncClient(timeout=None, verify=tls_verify(url)) as client:
                 response = await client.get(f"{url}/health")
             return response.status_code == 200
         except httpx.TransportError:

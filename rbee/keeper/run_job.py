@@ -21,14 +21,14 @@ import trio
 
 from ..client import open_job_stream
 from ..errors import RbeeError
-from ..narration.events import End, Error, Token
+from ..narration.events import End, Error, NarrationEvent, Token
 from .output import Output
 from .queen_control import EphemeralQueen, api_token, find_queen
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 #: After a Ctrl-C, how long we let an ephemeral queen finish before we exit anyway
 #: (it goes on shutting its cascade down without us).
-CANCEL_EXIT_WAIT_S = 0.5
+CANCEL_EXIT_WAIT_S = 0.2
 
 
 class _JobOutcome:
@@ -42,6 +42,7 @@ class _JobOutcome:
 async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobOutcome, started: float) -> None:
     operation = request.get("operation", "infer")
     out.narrate("job_submit", f"Submitting {operation} job to queen-rbee at {url}", target=operation)
+    told = ""  # the error narration shown so far
     async with open_job_stream(url, request, token=api_token()) as job:
         async for event in job:
             kind = type(event)
@@ -55,6 +56,10 @@ async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobO
                 outcome.end = event
             elif kind is Error:
                 outcome.error = event
+                if event.message in told:
+                    continue  # the queen's execute_error line has said it already
+            elif kind is NarrationEvent and event.level == "error":
+                told += event.human
             out.event(event)
 
 
@@ -93,6 +98,8 @@ async def run_job(request: dict[str, Any], out: Output) -> int:
                     await _stream(url, request, out, outcome, started)
                 except RbeeError as exc:
                     out.error(exc.message)
+                    operation = request.get("operation", "infer")
+                    out.narrate("job_complete", f"Failed: {operation}", level="error", target=operation)
                     code = EXIT_JOB_FAILED
             out.end_text()
             if cancelled:

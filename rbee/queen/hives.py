@@ -183,7 +183,13 @@ class HiveManager:
                 argv = shlex.split(node.rbee_hive_command) + [
                     "daemon", "--port", str(node.hive_port), "--token-file", str(token_file),
                 ]
-                hive.child = ChildProcess(argv, capture_stdout=True, stdin_pipe=True)
+                try:
+                    hive.child = ChildProcess(argv, capture_stdout=True, stdin_pipe=True)
+                except OSError as exc:
+                    raise HiveStartError(
+                        f"cannot run {argv[0]!r} on node {node.name} ({exc.strerror or exc});"
+                        " install rbee there or set RBEE_HIVE_COMMAND to the rbee-hive command"
+                    ) from None
                 assert hive.child.stdout is not None
                 await self._pump(hive, hive.child.stdout.receive_some, task_status)
             else:

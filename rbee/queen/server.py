@@ -56,7 +56,8 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
     nodes = NodeRegistry(home / "nodes.db", local_hive_command=config.local_hive_command or os.environ.get("RBEE_HIVE_COMMAND") or default_local_hive_command())
     bridge = AsyncioBridge()
     try:
-        async with httpx.AsyncClient(timeout=None) as http, trio.open_nursery() as outer:
+        # Hives and workers are plain HTTP on loopback (or an SSH forward): no TLS setup.
+        async with httpx.AsyncClient(timeout=None, verify=False) as http, trio.open_nursery() as outer:
             hives = HiveManager(outer, bridge, http, home / "run")
             async with trio.open_nursery() as job_nursery:
                 state = QueenState(
