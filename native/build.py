@@ -175,7 +175,11 @@ def compile_module(lib_dir: Path, version: str, headers: Path, out_dir: Path) ->
     with tempfile.TemporaryDirectory(prefix="rbee-native-") as tmp:
         built = Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
         target = out_dir / built.name
-        shutil.copy2(built, target)
+        # Copy beside, then rename: a process importing it meanwhile sees the old or the
+        # new module, never half a file (one already running keeps its mapped copy).
+        partial = target.with_name(target.name + ".partial")
+        shutil.copy2(built, partial)
+        os.replace(partial, target)
     return target
 
 
@@ -194,9 +198,10 @@ def main() -> int:
                 return 0
         except ValueError:
             pass  # a damaged stamp just means: build again
-    for old in existing:
-        old.unlink()
     target = compile_module(lib_dir, version, headers, out_dir)
+    for old in existing:
+        if old != target:
+            old.unlink()  # a build for another interpreter ABI tag
     stamp.write_text(json.dumps({"hash": wanted, "llama_cpp_python": version, "lib_dir": str(lib_dir),
                                  "headers": str(headers)}, indent=2) + "\n")
     print(f"native: built {target} against llama-cpp-python {version} ({lib_dir})")

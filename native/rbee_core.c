@@ -192,7 +192,6 @@ bool rbee_abort_flag_is_set(const rbee_abort_flag * flag) {
 
 /* ---- model -------------------------------------------------------------------------- */
 
-
 rbee_model_params rbee_model_default_params(void) {
     rbee_model_params p = {.backend = "cpu", .device = 0, .n_gpu_layers = -1};
     return p;
@@ -417,7 +416,6 @@ rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text,
 
 /* ---- context ------------------------------------------------------------------------ */
 
-
 rbee_context_params rbee_context_default_params(void) {
     rbee_context_params p = {.n_ctx = 4096, .n_batch = 512, .n_seq_max = 1, .n_threads = 4, .flash_attn = 0};
     return p;
@@ -501,7 +499,6 @@ void rbee_context_free(rbee_context * ctx) {
 uint32_t rbee_context_n_ctx_seq(const rbee_context * ctx) { return ctx == NULL ? 0 : ctx->n_ctx_seq; }
 
 /* ---- sequence ----------------------------------------------------------------------- */
-
 
 rbee_status rbee_sequence_create(rbee_context * ctx, int32_t seq_id, rbee_sequence ** out) {
     if (ctx == NULL || out == NULL || seq_id < 0 || (uint32_t) seq_id >= ctx->n_seq_max) {

@@ -141,7 +141,7 @@ typedef struct rbee_context_params {
 rbee_context_params rbee_context_default_params(void);
 
 /* On RBEE_STATUS_OK *out is a new context owned by the caller; it borrows `model`,
- * which must outlive it. */
+ * which must outlive it. Free every sequence of a context before the context. */
 rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * params, rbee_context ** out);
 void rbee_context_free(rbee_context * ctx);
 /* KV cells available to one sequence. */

@@ -135,7 +135,6 @@ static rbee_status sequence_clear_memory(rbee_sequence * seq) {
     return RBEE_STATUS_OK;
 }
 
-
 int rbee_discard_token(void * user_data, int32_t index, const char * text, size_t len) { return 0; }
 
 /* What one rbee_sequence_generate call tracks besides the sequence itself. */

@@ -79,7 +79,9 @@ rbee_status rbee_text_stream_reset(rbee_text_stream * ts, const char * const * s
 static bool is_cont(unsigned char c) { return (c & 0xC0) == 0x80; }
 
 /* Length of the UTF-8 character starting at s[0] if it is valid and whole (1..4); 0 if
- * it is a valid beginning cut short by the end of the buffer; -1 if invalid. */
+ * it is a valid beginning cut short by the end of the buffer; -n if invalid, where n is
+ * the length of the "maximal subpart" (Unicode's recommended replacement unit, the one
+ * Python's errors="replace" uses) to turn into a single U+FFFD. */
 static int utf8_char(const unsigned char * s, size_t avail) {
     unsigned char c = s[0];
     int need;
@@ -95,7 +97,7 @@ static int utf8_char(const unsigned char * s, size_t avail) {
     else return -1;
     for (int k = 1; k < need; k++) {
         if ((size_t) k >= avail) return 0;
-        if (k == 1 ? (s[1] < lo || s[1] > hi) : !is_cont(s[k])) return -1;
+        if (k == 1 ? (s[1] < lo || s[1] > hi) : !is_cont(s[k])) return -k;
     }
     return need;
 }
@@ -114,7 +116,7 @@ static rbee_status drain_carry(rbee_text_stream * ts) {
         if (n < 0) {
             memcpy(ts->pending + ts->pending_len, "\xEF\xBF\xBD", 3);
             ts->pending_len += 3;
-            i += 1;
+            i += (size_t) -n;
             continue;
         }
         memcpy(ts->pending + ts->pending_len, s + i, (size_t) n);

@@ -26,6 +26,7 @@ import trio
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError
 from rbee.narration.events import Token
 from rbee.worker.native_lib import TokenSink, c_string, check, native
+from rbee.worker.native_thread import EngineThread
 
 #: ``stop_reason`` values, indexed by ``rbee_stop_reason``.
 STOP_REASONS = ("none", "max_tokens", "stop_sequence", "eos", "cancelled")
@@ -75,9 +76,12 @@ class SamplingParams:
             bad("repeat_penalty", "number > 0", f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty!r}")
         if self.seed is not None and (not integer(self.seed) or not 0 <= self.seed < _RANDOM_SEED):
             bad("seed", f"integer in [0, {_RANDOM_SEED})", f"seed must be null or an integer in [0, {_RANDOM_SEED})")
-        stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop)
+        # A NUL cannot cross into C inside a string.
+        stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s and "\0" not in s
+                                                                for s in self.stop)
         if not stops_ok or len(self.stop) > _MAX_STOPS:
-            bad("stop", f"at most {_MAX_STOPS} non-empty strings", "stop must be a list of non-empty strings")
+            bad("stop", f"at most {_MAX_STOPS} non-empty strings without NUL",
+                f"stop must be a list of at most {_MAX_STOPS} non-empty strings")
         return found
 
 
@@ -173,6 +177,15 @@ def _check_model_file(path: Path) -> None:
         raise ModelLoadError(f"not a GGUF model file (bad magic {magic!r}): {path}", details={"path": str(path)})
 
 
+def _free_handles(sequence: Any, context: Any, model: Any) -> None:
+    """The one place native handles are freed, in the one order (sequence → context →
+    model: nothing outlives what it borrows). NULL handles are fine."""
+    lib = native().lib
+    lib.rbee_sequence_free(sequence)
+    lib.rbee_context_free(context)
+    lib.rbee_model_free(model)
+
+
 class Engine:
     """One GGUF model loaded on one backend/device, with one context and one sequence.
 
@@ -180,9 +193,10 @@ class Engine:
     ``close`` (or leaving ``with``) frees sequence → context → model, in that order.
     """
 
-    def __init__(self, handles: tuple[Any, Any, Any], *, model_path: Path, backend: str, device: int,
-                 n_threads: int) -> None:
+    def __init__(self, handles: tuple[Any, Any, Any], thread: EngineThread, *, model_path: Path, backend: str,
+                 device: int, n_threads: int) -> None:
         self._model, self._context, self._sequence = handles
+        self._thread = thread
         self._model_path, self._backend, self._device, self._n_threads = model_path, backend, device, n_threads
         ffi, lib = native().ffi, native().lib
         info = ffi.new("rbee_model_info *")
@@ -221,24 +235,30 @@ class Engine:
         sequence_out = ffi.new("rbee_sequence **")
         backend_c = ffi.new("char[]", backend.encode())
         mparams = ffi.new("rbee_model_params *", {"backend": backend_c, "device": device, "n_gpu_layers": n_gpu_layers})
-        check(lib.rbee_model_load(str(path).encode(), mparams, model_out), f"cannot load model {path}",
-              details={"path": str(path)})
         cparams = ffi.new("rbee_context_params *", lib.rbee_context_default_params())
         cparams.n_ctx, cparams.n_batch, cparams.n_seq_max = n_ctx, min(512, n_ctx), 1
         cparams.n_threads = threads
         # Flash attention off: the same kernels llama-cpp-python's default uses, so greedy
         # output matches it token for token.
         cparams.flash_attn = 0
+
+        def create() -> Engine:  # on the engine's own thread (see native_thread.py)
+            try:
+                check(lib.rbee_model_load(str(path).encode(), mparams, model_out), f"cannot load model {path}",
+                      details={"path": str(path)})
+                check(lib.rbee_context_create(model_out[0], cparams, context_out), "rbee_context_create")
+                check(lib.rbee_sequence_create(context_out[0], 0, sequence_out), "rbee_sequence_create")
+                return cls((model_out[0], context_out[0], sequence_out[0]), thread, model_path=path,
+                           backend=backend, device=device, n_threads=threads)
+            except BaseException:
+                _free_handles(sequence_out[0], context_out[0], model_out[0])  # what was made so far
+                raise
+
+        thread = EngineThread()
         try:
-            check(lib.rbee_context_create(model_out[0], cparams, context_out), "rbee_context_create")
-            check(lib.rbee_sequence_create(context_out[0], 0, sequence_out), "rbee_sequence_create")
-            return cls((model_out[0], context_out[0], sequence_out[0]), model_path=path, backend=backend,
-                       device=device, n_threads=threads)
+            return thread.call(create)
         except BaseException:
-            # Free what was made, in the one order (NULLs are fine for the free functions).
-            lib.rbee_sequence_free(sequence_out[0])
-            lib.rbee_context_free(context_out[0])
-            lib.rbee_model_free(model_out[0])
+            thread.stop()
             raise
 
     model_path = property(lambda self: self._model_path, doc="Absolute path of the loaded GGUF.")
@@ -286,11 +306,12 @@ class Engine:
     def generate(self, prompt: str, params: SamplingParams, *, on_token: Callable[[int, str], object] | None,
                  abort: AbortFlag | None = None, chat: bool = False) -> GenerationResult:
         """Run one generation (blocking). ``on_token(i, text)`` gets every piece of whole
-        UTF-8 text on this thread (``None`` discards them); ``abort`` stops the loop
-        before its next decode."""
+        UTF-8 text on the generating thread, the engine's own (``None`` discards them);
+        ``abort`` stops the loop before its next decode."""
         self._claim()
         try:
-            return self._generate_claimed(prompt, params, on_token=on_token, abort=abort, chat=chat)
+            return self._thread.call(
+                lambda: self._generate_claimed(prompt, params, on_token=on_token, abort=abort, chat=chat))
         finally:
             self._busy.release()
 
@@ -343,13 +364,12 @@ class Engine:
         if self._current_abort is not None:
             self._current_abort.set()
         with self._busy:
-            lib = native().lib
+            if self._model is None:  # closed by another thread meanwhile
+                return
             sequence, context, model = self._sequence, self._context, self._model
             self._model = self._context = self._sequence = None
-            # The one place the handles are freed, in the one order: nothing outlives its owner.
-            lib.rbee_sequence_free(sequence)
-            lib.rbee_context_free(context)
-            lib.rbee_model_free(model)
+            self._thread.call(lambda: _free_handles(sequence, context, model))
+            self._thread.stop()
 
     def __enter__(self) -> Engine:
         return self

@@ -5,8 +5,8 @@ modules small.
 
 How a token reaches Trio (measured in benchmarks/bench_worker.py, see docs/native.md):
 
-* The whole prefill + decode loop is one C call on one thread, started with
-  ``trio.lowlevel.start_thread_soon`` (the primitive ``trio.to_thread.run_sync`` is built on).
+* The whole prefill + decode loop is one C call on the engine's own long-lived thread
+  (``native_thread.py`` says why not a Trio worker thread: OpenMP pools).
 * Per piece, the C loop calls a cffi callback that only appends ``Token(t, i)`` to a
   ``deque``: no lock, no syscall, so it never releases the GIL.
 * Then the C loop, outside the GIL, writes one byte to a pipe; ``Generation.__anext__``
@@ -76,10 +76,11 @@ class Generation:
 
 
 def _drain(fd: int) -> None:
+    # One read is enough: the reader wakes for every few bytes, and anything left over just
+    # makes the next wait_readable return at once.
     try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
+        os.read(fd, 4096)
+    except BlockingIOError:  # a spurious wake-up
         pass
 
 
@@ -129,8 +130,7 @@ async def open_generation(engine: Engine, prompt: str, params: SamplingParams, *
             os.write(write_fd, b"\0")  # wake a reader waiting for more tokens
             finished.set()
 
-        trio.lowlevel.start_thread_soon(work, lambda result: trio_token.run_sync_soon(finish, result),
-                                        name="rbee-generate")
+        engine._thread.submit(work, lambda result: trio_token.run_sync_soon(finish, result))
         claimed = False  # from here `work` releases the engine
     finally:
         if claimed:

@@ -11,9 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import cffi
 import llama_cpp
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError
 from rbee.narration.events import Token
@@ -63,7 +66,8 @@ def reference_text(llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> tuple[
     return choice["text"], choice["finish_reason"]
 
 
-def run(engine: Engine, prompt: str, params: SamplingParams = GREEDY, **kwargs) -> tuple[list[tuple[int, str]], GenerationResult]:
+def run(engine: Engine, prompt: str, params: SamplingParams = GREEDY,
+        **kwargs) -> tuple[list[tuple[int, str]], GenerationResult]:
     pieces: list[tuple[int, str]] = []
     result = engine.generate(prompt, params, on_token=lambda i, t: pieces.append((i, t)), **kwargs)
     return pieces, result
@@ -73,11 +77,128 @@ def text_of(pieces: list[tuple[int, str]]) -> str:
     return "".join(t for _, t in pieces)
 
 
+# ---- the C text layer alone (native/rbee_text.c): byte tables and properties -----------
+
+NATIVE = Path(__file__).resolve().parents[2] / "native"
+
+
+@pytest.fixture(scope="module")
+def text_c(tmp_path_factory: pytest.TempPathFactory):
+    """native/rbee_text.c compiled on its own (no llama.cpp), to feed it bytes directly."""
+    import importlib.util
+
+    ffi = cffi.FFI()
+    ffi.cdef("""
+        typedef enum { RBEE_STATUS_OK = 0, ... } rbee_status;
+        typedef struct { char * pending; size_t pending_len; ...; } rbee_text_stream;
+        void rbee_text_stream_init(rbee_text_stream * ts);
+        void rbee_text_stream_free(rbee_text_stream * ts);
+        rbee_status rbee_text_stream_reset(rbee_text_stream * ts, const char * const * stops, int32_t n_stop);
+        rbee_status rbee_text_stream_push(rbee_text_stream * ts, const char * bytes, size_t len,
+                                          size_t * emit_len, bool * stopped);
+        void rbee_text_stream_consume(rbee_text_stream * ts, size_t n);
+    """)
+    ffi.set_source("_rbee_text_test", '#include "rbee_text.h"', sources=[str(NATIVE / "rbee_text.c")],
+                   include_dirs=[str(NATIVE)], extra_compile_args=["-O1"])
+    out = tmp_path_factory.mktemp("text_c")
+    spec = importlib.util.spec_from_file_location("_rbee_text_test", ffi.compile(tmpdir=str(out)))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def feed(text_c, chunks: list[bytes], stops: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """Push chunks as the loop does; returns the emitted pieces and whether a stop matched."""
+    ffi, lib = text_c.ffi, text_c.lib
+    ts = ffi.new("rbee_text_stream *")
+    lib.rbee_text_stream_init(ts)
+    keep = [ffi.new("char[]", s.encode()) for s in stops]
+    array = ffi.new("const char *[]", keep) if keep else ffi.NULL
+    assert lib.rbee_text_stream_reset(ts, array, len(keep)) == lib.RBEE_STATUS_OK
+    emit, stopped = ffi.new("size_t *"), ffi.new("bool *")
+    pieces: list[str] = []
+    try:
+        for chunk in chunks:
+            assert lib.rbee_text_stream_push(ts, chunk, len(chunk), emit, stopped) == lib.RBEE_STATUS_OK
+            if emit[0]:
+                pieces.append(ffi.unpack(ts.pending, emit[0]).decode("utf-8"))  # strict: must be valid
+                lib.rbee_text_stream_consume(ts, emit[0])
+            if stopped[0]:
+                return pieces, True
+        if ts.pending_len:  # end of generation: what was held back is plain text
+            pieces.append(ffi.unpack(ts.pending, ts.pending_len).decode("utf-8"))
+        return pieces, False
+    finally:
+        lib.rbee_text_stream_free(ts)
+
+
+@pytest.mark.parametrize(("chunks", "pieces"), [
+    ([b"\xf0\x9f", b"\x98", b"\x80!"], ["😀!"]),            # one character over three tokens
+    ([b"a\xe2\x82", b"\xac"], ["a", "€"]),                   # the whole part leaves at once
+    ([b"\xff", b"b"], ["\ufffd", "b"]),                       # never valid
+    ([b"\x80abc"], ["\ufffdabc"]),                            # a lone continuation byte
+    ([b"\xe2\x82A"], ["\ufffdA"]),                            # cut short: one U+FFFD (maximal subpart)
+    ([b"\xed\xa0\x80"], ["\ufffd\ufffd\ufffd"]),                # a UTF-16 surrogate is not UTF-8
+    ([b"\xc0\xaf"], ["\ufffd\ufffd"]),                          # overlong
+    ([b"ok \xf0\x9f"], ["ok "]),                                # an unfinished character at the end is dropped
+])
+def test_text_layer_emits_only_whole_valid_characters(text_c, chunks: list[bytes], pieces: list[str]) -> None:
+    assert feed(text_c, chunks) == (pieces, False)
+
+
+@pytest.mark.parametrize(("chunks", "stops", "pieces", "stopped"), [
+    ([b"Hello", b" wor", b"ld"], ("world",), ["Hello", " "], True),      # " wor" held until "ld" decides
+    ([b"Hello", b" wor", b"k"], ("world",), ["Hello", " ", "work"], False),  # held, then released
+    ([b"abc<|e", b"nd|>tail"], ("<|end|>",), ["abc"], True),
+    ([b"xSTOP"], ("STOP", "x"), [], True),                                # the earliest match wins
+    ([b"a", b"b"], ("",), ["a", "b"], False),                             # an empty stop string is ignored
+    ([b"caf\xc3", b"\xa9!"], ("\u00e9!",), ["caf"], True),                 # stop over a split character
+])
+def test_text_layer_stop_strings(text_c, chunks, stops, pieces, stopped) -> None:
+    assert feed(text_c, chunks, stops) == (pieces, stopped)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64), cuts=st.lists(st.integers(0, 64), max_size=8))
+def test_text_layer_matches_python_replace_decoding_for_any_chunking(text_c, data: bytes, cuts: list[int]) -> None:
+    data += b"."  # a final ASCII byte settles any unfinished character, as Python's decode does at the end
+    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    chunks = [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces, _ = feed(text_c, chunks)
+    assert "".join(pieces) == data.decode("utf-8", errors="replace")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=40), stop=st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_text_layer_cuts_exactly_before_the_first_stop(text_c, text: str, stop: str, cuts: list[int]) -> None:
+    data = text.encode()
+    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    pieces, stopped = feed(text_c, [data[a:b] for a, b in zip(bounds, bounds[1:])], (stop,))
+    assert stopped == (stop in text)
+    assert "".join(pieces) == (text[: text.index(stop)] if stop in text else text)
+
+
 def test_build_info_and_backends() -> None:
     info = native_build_info()
     assert info["llama_cpp_python"] == llama_cpp.__version__
     assert info["backends"] == available_backends() and available_backends()[0] == "cpu"
     assert len(info["llama_cpp_commit"]) == 40 and "AVX" in info["system_info"]
+
+
+def test_build_script_says_in_one_line_that_the_build_is_current() -> None:
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+
+    done = subprocess.run([sys.executable, str(NATIVE / "build.py")], capture_output=True, text=True, check=True)
+    again = subprocess.run([sys.executable, str(NATIVE / "build.py")], capture_output=True, text=True, check=True)
+    assert done.stdout.count("\n") == again.stdout.count("\n") == 1 and done.stdout.startswith("native: ")
+    assert "is up to date" in again.stdout
+    stamp = json.loads((Path(sysconfig.get_paths()["platlib"]) / "_rbee_native.build-info.json").read_text())
+    assert stamp["llama_cpp_python"] == llama_cpp.__version__ and Path(stamp["lib_dir"]).name == "lib"
 
 
 def test_model_properties(engine: Engine, embedded_model: Path) -> None:
@@ -246,6 +367,8 @@ def test_invalid_requests_are_rejected_with_field_details(engine: Engine) -> Non
     with pytest.raises(InvalidRequestError) as bad:
         engine.generate("hi", SamplingParams(max_tokens=0, temperature=-1, top_p=2.0), on_token=lambda i, t: None)
     assert {d["field"] for d in bad.value.details} == {"max_tokens", "temperature", "top_p"}
+    for stop in (("",), ("a\x00b",), tuple("abcdefghijklmnopq")):
+        assert [d["field"] for d in SamplingParams(stop=stop).problems()] == ["stop"]
     # The engine is still fine afterwards.
     assert run(engine, PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0))[1].stop_reason == "max_tokens"
 
@@ -334,6 +457,21 @@ def test_open_generation_rejects_bad_requests_before_streaming(engine: Engine) -
                 assert len([t async for t in gen]) <= 1
 
     trio.run(main)
+
+
+def test_all_compute_runs_on_the_engines_one_thread(engine: Engine) -> None:
+    # One OpenMP pool per engine (rbee/worker/native_thread.py): whoever calls, the loop
+    # (and so on_token) runs on the engine's own thread.
+    seen: set[int] = set()
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    engine.generate("hi", params, on_token=lambda i, t: seen.add(threading.get_ident()))
+    caller = threading.Thread(target=lambda: engine.generate("hi", params,
+                                                             on_token=lambda i, t: seen.add(threading.get_ident())))
+    caller.start()
+    caller.join()
+    trio.run(trio.to_thread.run_sync, lambda: engine.generate("hi", params,
+                                                              on_token=lambda i, t: seen.add(threading.get_ident())))
+    assert len(seen) == 1 and threading.get_ident() not in seen
 
 
 def test_close_during_a_generation_stops_it_then_frees(embedded_model: Path) -> None:
