@@ -18,6 +18,7 @@ import codecs
 from ..errors import NarrationError
 from .events import Event, NarrationEvent
 from .redact import redact_text
+from ._lines import LineSplitter
 from .wire import event_json, from_parsed, loads
 
 VERSION = 1
@@ -36,8 +37,7 @@ class Decoder:
         self.actor = actor
         self.redact = redact
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        # Pieces of the unterminated last line (a list: see sse.Decoder).
-        self._partial: list[str] = []
+        self._lines = LineSplitter()
         self._in_key_block = False  # inside a private key block spread over lines
         self._closed = False
 
@@ -45,28 +45,14 @@ class Decoder:
         """Take the next bytes; return the events of the lines they complete."""
         if self._closed:
             raise NarrationError("JSON-lines decoder fed after close()")
-        text = self._text.decode(data)
-        if "\n" not in text:
-            if text:
-                self._partial.append(text)
-            return []
-        if self._partial:
-            self._partial.append(text)
-            text = "".join(self._partial)
-            self._partial.clear()
-        lines = text.split("\n")
-        last = lines.pop()
-        if last:
-            self._partial.append(last)
-        return [self._line_to_event(line) for line in lines]
+        return [self._line_to_event(line) for line in self._lines.split(self._text.decode(data))]
 
     def close(self) -> list[Event]:
         """End of stream: the event of a last line without a newline, if any."""
         if self._closed:
             return []
         self._closed = True
-        line = "".join(self._partial) + self._text.decode(b"", final=True)
-        self._partial.clear()
+        line = self._lines.take_rest() + self._text.decode(b"", final=True)
         return [self._line_to_event(line)] if line else []
 
     def _line_to_event(self, line: str) -> Event:

@@ -27,6 +27,7 @@ import codecs
 
 from ..errors import NarrationError
 from .events import DONE, Done, Event, UnknownEvent
+from ._lines import LineSplitter
 from .wire import event_json, from_parsed, loads
 
 _DONE_BYTES = b"data: [DONE]\n\n"
@@ -96,9 +97,7 @@ class Decoder:
         # utf-8-sig drops one leading BOM even when it arrives split over chunks;
         # "replace" because a foreign server may send bytes that are not UTF-8.
         self._text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-        # Pieces of the unterminated last line; a list, because a long line arriving in
-        # many chunks would make repeated str concatenation quadratic.
-        self._partial: list[str] = []
+        self._lines = LineSplitter()
         self._skip_lf = False  # the previous chunk ended with CR: an LF now is its pair
         self._data: list[str] = []
         self._name = ""
@@ -122,19 +121,7 @@ class Decoder:
             # A CR ends a line at once; if the next chunk starts with LF it belongs to it.
             self._skip_lf = text[-1] == "\r"
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if "\n" not in text:
-            if text:
-                self._partial.append(text)
-            return []
-        if self._partial:
-            self._partial.append(text)
-            text = "".join(self._partial)
-            self._partial.clear()
-        lines = text.split("\n")
-        last = lines.pop()
-        if last:
-            self._partial.append(last)
-        return self._take_lines(lines)
+        return self._take_lines(self._lines.split(text))
 
     def _take_lines(self, lines: list[str]) -> list[Event]:
         events: list[Event] = []
@@ -189,9 +176,8 @@ class Decoder:
         if self._closed:
             return []
         self._closed = True
-        tail = self._text.decode(b"", final=True)
-        if tail or self._partial:
-            cut = "".join(self._partial) + tail
+        cut = self._lines.take_rest() + self._text.decode(b"", final=True)
+        if cut:
             raise NarrationError(f"SSE stream ended in the middle of a line: {cut[:80]!r}")
         if self._fields_seen:
             raise NarrationError("SSE stream ended inside an event (no blank line after it)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from rbee.narration.events import (
@@ -188,6 +189,14 @@ def secrets(draw: st.DrawFn) -> tuple[str, str]:
 
 
 MEBIBYTE = 1 << 20
+
+#: Hypothesis settings for tests drawing ``huge_events``: few examples (each is over a
+#: mebibyte), no deadline, and the size health checks off since the size is the point.
+huge_event_settings = settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @st.composite

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rbee.errors import NarrationError
 from rbee.narration import jsonlines
 from rbee.narration.events import DONE, NarrationEvent, Ready, Token, UnknownEvent
 
-from .strategies import MEBIBYTE, chunked, events, huge_events, text
+from .strategies import MEBIBYTE, chunked, events, huge_event_settings, huge_events, text
 
 
 def decode_all(*chunks: bytes, **kwargs) -> list:
@@ -150,11 +150,7 @@ def test_any_chunking_of_a_stream_with_foreign_lines_gives_the_same_events(items
     assert decode_all(*data.draw(chunked(encoded)), redact=False) == expected
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@huge_event_settings
 @given(huge_events())
 def test_round_trip_of_any_event_with_a_one_mebibyte_field(event):
     data = jsonlines.encode(event)

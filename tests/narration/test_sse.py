@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rbee.errors import NarrationError
 from rbee.narration import sse
 from rbee.narration.events import DONE, End, NarrationEvent, Started, Token, UnknownEvent
 
-from .strategies import MEBIBYTE, chunked, events, huge_events
+from .strategies import MEBIBYTE, chunked, events, huge_event_settings, huge_events
 
 TOKEN_JSON = b'{"type":"token","t":"a","i":0}'
 
@@ -212,11 +212,7 @@ def test_splits_inside_every_utf8_character_and_crlf(stream):
     assert decode_all(*[encoded[i : i + 1] for i in range(len(encoded))]) == stream
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@huge_event_settings
 @given(huge_events())
 def test_round_trip_of_any_event_with_a_one_mebibyte_field(event):
     data = sse.encode(event)
