@@ -39,18 +39,34 @@ class SshdServer:
     home: Path  # HOME of the sessions (a temporary directory, not the user's real one)
 
 
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
 def ensure_sshd_installed() -> None:
-    """Install openssh-server through apt-get when sshd is not there yet."""
+    """Install openssh-server through apt-get when sshd is not there yet.
+
+    Without a ``policy-rc.d`` the package's postinst would start a system sshd on port 22
+    that no test stops; a temporary one answering 101 ("action forbidden") prevents that,
+    and is removed after the install (an existing one is left as it is).
+    """
     if Path(SSHD).exists():
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server"],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    ours = not POLICY_RC_D.exists()
+    if ours:
+        POLICY_RC_D.write_text("#!/bin/sh\nexit 101\n")
+        POLICY_RC_D.chmod(0o755)
+    try:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+    finally:
+        if ours:
+            POLICY_RC_D.unlink(missing_ok=True)
 
 
 def free_port() -> int:
