@@ -42,6 +42,15 @@ def is_worker_ready_line(line: str) -> bool:
     return line.startswith("[queen-rbee]") and "is ready at" in line
 
 
+def wait_until_worker_ready(proc: RbeeProcess) -> None:
+    """Wait (up to 600 s: a first run provisions the model) until the keeper's stderr says
+    the worker is ready; fails at once if the keeper exited first."""
+    deadline = time.monotonic() + 600
+    while not any(is_worker_ready_line(line) for line in proc.stderr_lines):
+        assert proc.proc.poll() is None and time.monotonic() < deadline, proc.stderr_text()
+        time.sleep(0.05)
+
+
 def summary(lines: list[str]) -> dict:
     """The keeper's job_summary narration (from --narration json output)."""
     for line in lines:
@@ -108,10 +117,7 @@ def test_test001_over_ssh(rbee_home: Path, sshd_server) -> None:
 
 def test_ctrl_c_in_ephemeral_mode_exits_130_within_a_second_and_leaves_nothing(rbee_home: Path) -> None:
     proc = keeper(rbee_home, *infer_args("localhost", 400, prompt="write a long story about a bee"))
-    deadline = time.monotonic() + 600
-    while not any(is_worker_ready_line(line) for line in proc.stderr_lines):
-        assert proc.proc.poll() is None and time.monotonic() < deadline, proc.stderr_text()
-        time.sleep(0.05)
+    wait_until_worker_ready(proc)
     time.sleep(1.5)  # tokens are flowing now
     assert proc.proc.poll() is None, "the 400-token stream ended before Ctrl-C"
     sent = time.monotonic()
@@ -178,10 +184,7 @@ def test_persistent_mode_reuses_the_worker_and_ctrl_c_leaves_it_idle(rbee_home: 
 
 def test_a_second_ctrl_c_ends_what_is_left_at_once(rbee_home: Path) -> None:
     proc = keeper(rbee_home, *infer_args("localhost", 400, prompt="write a long story"))
-    deadline = time.monotonic() + 600
-    while not any(is_worker_ready_line(line) for line in proc.stderr_lines):
-        assert proc.proc.poll() is None and time.monotonic() < deadline, proc.stderr_text()
-        time.sleep(0.05)
+    wait_until_worker_ready(proc)
     time.sleep(0.5)
     sent = time.monotonic()
     proc.signal(signal.SIGINT)
