@@ -35,6 +35,7 @@ import httpx
 import trio
 
 from rbee.client import open_job_stream
+from rbee.http_client import async_client
 from rbee.narration import sse
 from rbee.narration.events import DONE, Token
 
@@ -81,7 +82,7 @@ async def worker_run(url: str, key: str, max_tokens: int) -> tuple[float, float,
     """(ttft_ms, tok/s, tokens) of one request straight to the worker."""
     body = {"job_id": "bench-" + secrets.token_hex(4), "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
     times: list[float] = []
-    async with httpx.AsyncClient(timeout=None, verify=False, headers={"Authorization": f"Bearer {key}"}) as client:
+    async with async_client(url, headers={"Authorization": f"Bearer {key}"}) as client:
         start = time.perf_counter()
         async with client.stream("POST", f"{url}/v1/inference", json=body) as response:
             decoder = sse.Decoder()

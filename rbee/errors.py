@@ -113,8 +113,36 @@ class JobError(RbeeError):
     http_status = 500
 
 
+class QueenUnreachableError(JobError):
+    """No queen answers at the URL (nothing listens, or the connection broke)."""
+
+    code = "queen_unreachable"
+    http_status = 502
+
+
 class SshError(RbeeError):
     """A node could not be reached or driven over SSH."""
 
     code = "ssh_failed"
     http_status = 502
+
+
+class QueenStartError(RbeeError):
+    """The ephemeral or persistent queen did not come up."""
+
+    code = "queen_start_failed"
+    http_status = 500
+
+
+class HiveStartError(RbeeError):
+    """A hive exited or broke before it said ``hive_ready``."""
+
+    code = "hive_start_failed"
+    http_status = 502
+
+
+class NodeUnreachableError(SshError):
+    """Adding a node failed its SSH test; a 4xx because the caller's input must change."""
+
+    code = "node_unreachable"
+    http_status = 422

@@ -20,7 +20,7 @@ Example (a plain Trio program)::
 
 from .jobs import JobStream as JobStream
 from .jobs import JobSubmission as JobSubmission
-from .jobs import QueenUnreachableError as QueenUnreachableError
+from ..errors import QueenUnreachableError as QueenUnreachableError
 from .jobs import cancel_job as cancel_job
 from .jobs import error_from_response as error_from_response
 from .jobs import iter_sse_events as iter_sse_events

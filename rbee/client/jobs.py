@@ -28,7 +28,8 @@ import httpx
 import trio
 
 from .. import errors
-from ..errors import JobError, NarrationError, RbeeError
+from ..errors import JobError, NarrationError, QueenUnreachableError, RbeeError
+from ..http_client import async_client
 from ..narration import sse
 from ..narration.events import Done, Event
 
@@ -46,13 +47,6 @@ def _collect_error_classes(cls: type[RbeeError]) -> None:
 
 
 _collect_error_classes(errors.RbeeError)
-
-
-class QueenUnreachableError(JobError):
-    """No queen answers at the URL (nothing listens, or the connection broke)."""
-
-    code = "queen_unreachable"
-    http_status = 502
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,19 +76,9 @@ def auth_headers(token: str | None) -> dict[str, str]:
 
 
 def open_http_client(base_url: str, token: str | None = None) -> httpx.AsyncClient:
-    """An httpx client for one daemon: no timeouts (callers use Trio's), bearer auth.
-
-    TLS settings only for an ``https`` URL: building httpx's default SSL context loads the
-    CA bundle, 20-120 ms here, which would be most of a warm job's time to first token.
-    """
-    return httpx.AsyncClient(
-        base_url=base_url.rstrip("/"), headers=auth_headers(token), timeout=None, verify=tls_verify(base_url)
-    )
-
-
-def tls_verify(url: str) -> bool:
-    """httpx's ``verify`` for ``url``: checked certificates for https, no TLS setup for http."""
-    return url.lower().startswith("https:")
+    """An httpx client for one daemon: no timeouts (callers use Trio's), bearer auth, and
+    TLS settings only for an ``https`` URL (see ``rbee.http_client``)."""
+    return async_client(base_url, base_url=base_url.rstrip("/"), headers=auth_headers(token))
 
 
 @contextlib.contextmanager

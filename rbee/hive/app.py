@@ -32,19 +32,13 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..errors import InvalidRequestError, RbeeError
+from ..errors import InvalidRequestError
+from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
 from ..narration import narrate
 from .auth import check_request
 from .config import ACTOR
 from .eventlog import sse_body
 from .service import HiveState
-
-
-def _sse(body: Any) -> Response:
-    response = Response(body, status=200, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.timeout = None
-    return response
 
 
 async def _json_body() -> Any:
@@ -56,19 +50,14 @@ async def _json_body() -> Any:
 
 def create_app(state: HiveState) -> QuartTrio:
     """The quart-trio app of one hive."""
-    app = QuartTrio("rbee-hive")
     # A spawn waits for a download, and narration streams last as long as their worker.
-    app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = None
+    app = streaming_app("rbee-hive")
+    answer_rbee_errors_as_envelopes(app)
 
     @app.before_request
     async def check_token() -> Any:
         check_request(request.path, request.headers.get("Authorization"), state.api_token)
         return None
-
-    @app.errorhandler(RbeeError)
-    async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int]:
-        return exc.envelope(), exc.http_status
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
@@ -112,7 +101,7 @@ def create_app(state: HiveState) -> QuartTrio:
 
     @app.get("/v1/workers/<worker_id>/narration")
     async def worker_narration(worker_id: str) -> Response:
-        return _sse(sse_body(state.workers.log_of(worker_id), state.config.ping_interval_s))
+        return sse_response(sse_body(state.workers.log_of(worker_id), state.config.ping_interval_s))
 
     @app.post("/v1/workers/<worker_id>/shutdown")
     async def worker_shutdown(worker_id: str) -> dict[str, Any]:
@@ -131,7 +120,7 @@ def create_app(state: HiveState) -> QuartTrio:
 
     @app.get("/v1/models/download/<download_id>/progress")
     async def download_progress(download_id: str) -> Response:
-        return _sse(sse_body(state.download(download_id).log, state.config.ping_interval_s))
+        return sse_response(sse_body(state.download(download_id).log, state.config.ping_interval_s))
 
     @app.post("/v1/shutdown")
     async def shutdown() -> tuple[dict[str, Any], int]:

@@ -1,15 +1,8 @@
 """Worker processes at the OS level: start them so they die with the hive, record and sweep them.
 
-Start: ``subprocess.Popen`` in a new process group (``process_group=0``: signals for the
-hive's terminal or session never reach a worker by accident, and the hive can signal the
-worker's whole group) with ``PR_SET_PDEATHSIG(SIGTERM)`` set between fork and exec, so the
-kernel sends SIGTERM to the worker when the hive dies, even by SIGKILL.
-
-Why Popen on the calling thread, never ``trio.run_process``/``to_thread``: the death signal
-fires when the *thread* that forked the child exits, and Trio retires idle worker threads
-after a few seconds, which would kill a healthy worker. The hive forks from its main
-thread (the Trio loop's), which lives as long as the hive. Forking takes about a
-millisecond.
+Start: ``rbee.lifetime.popen_dying_with_us`` (own process group, PR_SET_PDEATHSIG(SIGTERM)),
+on the hive's main thread (the Trio loop's), which lives as long as the hive: the death
+signal fires when the *thread* that forked the child exits (see ``rbee.lifetime``).
 
 PID files (``$RBEE_HOME/workers/<worker_id>.pid``, JSON ``{pid, worker_id, hive_pid}``)
 outlive a hive that crashed in a way the death signal did not cover (a worker that ignored
@@ -20,47 +13,25 @@ PID that now belongs to another program is left alone.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-PR_SET_PDEATHSIG = 1
+from ..lifetime import pid_alive as _alive
+from ..lifetime import popen_dying_with_us
+
 WORKER_PROGRAM = "llm-worker-rbee"
 #: How long a stale worker gets between SIGTERM and SIGKILL at sweep time.
 SWEEP_GRACE_S = 3.0
 
 
-def _die_with_parent_hook(parent_pid: int):  # type: ignore[no-untyped-def]
-    def hook() -> None:  # runs in the child between fork and exec: no allocation-heavy work
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        # The parent may have died between fork and prctl: then no signal would ever come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return hook
-
-
 def start_child(argv: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group, dying with us; stdout/stderr are pipes."""
-    return subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        process_group=0,
-        # PR_SET_PDEATHSIG is Linux-only; elsewhere the hive's shutdown path and the sweep
-        # at the next start are what end the workers.
-        preexec_fn=_die_with_parent_hook(os.getpid()) if sys.platform.startswith("linux") else None,
-        close_fds=True,
-    )
+    return popen_dying_with_us(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def pid_file(directory: Path, worker_id: str) -> Path:
@@ -87,14 +58,6 @@ def _cmdline(pid: int) -> list[str]:
             return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 def is_our_worker(pid: int, worker_id: str) -> bool:

@@ -19,11 +19,11 @@ import os
 import signal
 import stat
 
-import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from ..http_client import OUR_DAEMONS, async_client
+from ..http_common import hypercorn_config
 from ..narration import narrate
 from ..paths import rbee_home
 from .app import create_app
@@ -64,7 +64,8 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
                 level="warn", worker_id=worker_id, pid=pid, outcome=outcome)
     node = await trio.to_thread.run_sync(detect_node)
     catalog = ModelCatalog(home / "models.db")
-    async with httpx.AsyncClient(timeout=None) as http, trio.open_nursery() as services:
+    # Workers are plain HTTP on loopback: no TLS setup (see rbee.http_client).
+    async with async_client(OUR_DAEMONS) as http, trio.open_nursery() as services:
         workers = WorkerRegistry(config, services, http, pid_dir)
         state = HiveState(config=config, node=node, catalog=catalog, provisioner=Provisioner(catalog, services),
                           workers=workers, nursery=services, api_token=token)
@@ -99,12 +100,7 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
 
 async def _serve_http(state: HiveState, stop: trio.Event, done: trio.Event, *,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    hc = HypercornConfig()
-    hc.bind = [f"{state.config.host}:{state.config.port}"]
-    hc.accesslog = None
-    hc.errorlog = None
-    hc.keep_alive_timeout = 75.0
-    hc.graceful_timeout = HTTP_DRAIN_S
+    hc = hypercorn_config(state.config.host, state.config.port, graceful_timeout_s=HTTP_DRAIN_S)
     app = create_app(state)
 
     async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

@@ -19,6 +19,7 @@ import trio
 
 from ..client import QueenUnreachableError, error_from_response, open_http_client
 from ..errors import RbeeError
+from ..lifetime import pid_alive
 from ..narration.events import Event, NarrationEvent
 from .output import Output
 from .queen_control import (
@@ -26,7 +27,6 @@ from .queen_control import (
     api_token,
     find_queen,
     is_healthy,
-    pid_alive,
     queen_url_from_env,
     read_record,
     record_path,

@@ -25,24 +25,17 @@ from typing import Callable
 import httpx
 import trio
 
-from ..client.jobs import tls_verify
-from ..errors import RbeeError
+from ..errors import QueenStartError
+from ..http_client import async_client
+from ..lifetime import ChildProcess, pid_alive
 from ..narration import jsonlines
 from ..narration.events import Event, NarrationEvent
 from ..paths import rbee_home
-from ..queen.children import ChildProcess
 
 DEFAULT_QUEEN_URL = "http://127.0.0.1:8080"
 HEALTH_PROBE_S = 1.0
 QUEEN_START_S = 60.0
 QUEEN_STOP_S = 20.0
-
-
-class QueenStartError(RbeeError):
-    """The ephemeral or persistent queen did not come up."""
-
-    code = "queen_start_failed"
-    http_status = 500
 
 
 def queen_url_from_env() -> str:
@@ -81,20 +74,11 @@ def read_record() -> dict | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
 async def is_healthy(url: str) -> bool:
     """True if a queen answers ``GET /health`` at ``url`` quickly."""
     with trio.move_on_after(HEALTH_PROBE_S):
         try:
-            async with httpx.AsyncClient(timeout=None, verify=tls_verify(url)) as client:
+            async with async_client(url) as client:
                 response = await client.get(f"{url}/health")
             return response.status_code == 200
         except httpx.TransportError:

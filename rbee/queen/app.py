@@ -18,7 +18,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..errors import InvalidRequestError, NotFoundError, RbeeError
+from ..errors import InvalidRequestError, NotFoundError
+from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
 from ..narration import narrate, sse
 from .asyncio_bridge import AsyncioBridge
 from .hives import Hive, HiveManager
@@ -53,16 +54,11 @@ def _json_body(body: Any) -> dict[str, Any]:
 
 def create_app(state: QueenState) -> QuartTrio:
     """The quart-trio app of one queen."""
-    app = QuartTrio("queen-rbee")
     # Streams live as long as their job (a model download can take many minutes).
-    app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = None
+    app = streaming_app("queen-rbee")
+    answer_rbee_errors_as_envelopes(app)
     infer_job = InferJob(state.nodes, state.hives, state.http)
     download_job = DownloadJob(state.nodes, state.hives, state.http)
-
-    @app.errorhandler(RbeeError)
-    async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int]:
-        return exc.envelope(), exc.http_status
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
@@ -96,14 +92,7 @@ def create_app(state: QueenState) -> QuartTrio:
         )
 
     def stream_response(job: Job) -> Response:
-        response = Response(
-            _job_events(state, job),
-            status=200,
-            mimetype="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Rbee-Job-Id": job.job_id},
-        )
-        response.timeout = None
-        return response
+        return sse_response(_job_events(state, job), headers={"X-Rbee-Job-Id": job.job_id})
 
     @app.post("/v1/jobs")
     async def create_job() -> tuple[dict[str, Any], int]:

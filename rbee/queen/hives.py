@@ -14,36 +14,30 @@ hive that does not, after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from ..client.jobs import error_from_response
-from ..errors import RbeeError, SshError, WorkerError
-from ..narration import get_process_sink, jsonlines, narrate
+from ..errors import HiveStartError, SshError, WorkerError
+from ..lifetime import ChildProcess
+from ..narration import get_process_sink, jsonlines, narrate, sse
 from ..narration.events import Event, NarrationEvent
 from .asyncio_bridge import AsyncioBridge
-from .children import ChildProcess
 from .nodes import Node
 from .ssh import SshHive
 
 ACTOR = "queen-rbee"
 HIVE_ACTOR = "rbee-hive"
 STOP_GRACE_S = 10.0
-
-
-class HiveStartError(RbeeError):
-    """A hive exited or broke before it said ``hive_ready``."""
-
-    code = "hive_start_failed"
-    http_status = 502
 
 
 class Hive:
@@ -111,9 +105,33 @@ class Hive:
             raise error_from_response(response)
         return response.json() if response.content else None
 
+    @contextlib.asynccontextmanager
+    async def open_sse(self, path: str) -> AsyncIterator[AsyncIterator[Event]]:
+        """``async with hive.open_sse(path) as events:`` the typed events of one of the hive's
+        SSE routes, ``Done`` included (the caller decides what its absence means).
+
+        Raises the envelope's error when the hive does not answer 200.
+        """
+        async with self.http.stream("GET", self.url + path, headers=self.headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise error_from_response(response)
+            events = _sse_events(response)
+            try:
+                yield events
+            finally:
+                await events.aclose()
+
     def failure_hint(self) -> str:
         """The hive's last lines of non-narration output, for an error message."""
         return " | ".join(self._last_lines) or "no output"
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[Event]:
+    decoder = sse.Decoder()
+    async for chunk in response.aiter_raw():
+        for event in decoder.feed(chunk):
+            yield event
 
 
 class _Listening:

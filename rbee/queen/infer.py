@@ -233,23 +233,17 @@ class InferJob:
         async with trio.open_nursery() as nursery:
 
             async def relay() -> None:
-                path = f"{hive.url}/v1/workers/{worker_id}/narration"
-                async with self.http.stream("GET", path, headers=hive.headers) as response:
-                    if response.status_code != 200:
-                        await response.aread()
-                        raise error_from_response(response)
-                    decoder = sse.Decoder()
-                    async for chunk in response.aiter_raw():
-                        for event in decoder.feed(chunk):
-                            if isinstance(event, Done):
-                                return
-                            if isinstance(event, NarrationEvent) and _identity(event) in seen:
-                                continue
-                            job.sink(event)
-                            if isinstance(event, Ready) or (
-                                isinstance(event, NarrationEvent) and event.action in READY_ACTIONS
-                            ):
-                                said_ready.set()
+                async with hive.open_sse(f"/v1/workers/{worker_id}/narration") as events:
+                    async for event in events:
+                        if isinstance(event, Done):
+                            return
+                        if isinstance(event, NarrationEvent) and _identity(event) in seen:
+                            continue
+                        job.sink(event)
+                        if isinstance(event, Ready) or (
+                            isinstance(event, NarrationEvent) and event.action in READY_ACTIONS
+                        ):
+                            said_ready.set()
 
             async def relay_then_stop() -> None:
                 await relay()

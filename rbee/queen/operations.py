@@ -10,9 +10,8 @@ from typing import Any
 
 import httpx
 
-from ..client.jobs import error_from_response
 from ..errors import InvalidRequestError, JobError
-from ..narration import narrate, sse
+from ..narration import narrate
 from ..narration.events import Done, Error
 from .hives import HiveManager
 from .jobs import Job
@@ -45,17 +44,12 @@ class DownloadJob:
         hive = self.hives.get(node.name) or await self.hives.ensure(node, job.sink)
         started = await hive.request("POST", "/v1/models/download", json={"model": model})
         download_id = started["download_id"]
-        async with self.http.stream("GET", f"{hive.url}/v1/models/download/{download_id}/progress", headers=hive.headers) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise error_from_response(response)
-            decoder = sse.Decoder()
-            async for chunk in response.aiter_raw():
-                for event in decoder.feed(chunk):
-                    if isinstance(event, Done):
-                        narrate(ACTOR, "download_complete", f"{model} is on node {node.name}", target=model, node=node.name)
-                        return
-                    if isinstance(event, Error):
-                        raise JobError(event.message, code=event.code)
-                    job.sink(event)
+        async with hive.open_sse(f"/v1/models/download/{download_id}/progress") as events:
+            async for event in events:
+                if isinstance(event, Done):
+                    narrate(ACTOR, "download_complete", f"{model} is on node {node.name}", target=model, node=node.name)
+                    return
+                if isinstance(event, Error):
+                    raise JobError(event.message, code=event.code)
+                job.sink(event)
         raise JobError(f"the download progress stream of {model} on {node.name} stopped without [DONE]")

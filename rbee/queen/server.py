@@ -17,11 +17,11 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from ..http_client import OUR_DAEMONS, async_client
+from ..http_common import hypercorn_config
 from ..narration import narrate
 from ..paths import rbee_home
 from .app import QueenState, create_app
@@ -57,7 +57,7 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
     bridge = AsyncioBridge()
     try:
         # Hives and workers are plain HTTP on loopback (or an SSH forward): no TLS setup.
-        async with httpx.AsyncClient(timeout=None, verify=False) as http, trio.open_nursery() as outer:
+        async with async_client(OUR_DAEMONS) as http, trio.open_nursery() as outer:
             hives = HiveManager(outer, bridge, http, home / "run")
             async with trio.open_nursery() as job_nursery:
                 state = QueenState(
@@ -92,12 +92,7 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
 
 
 async def _serve_http(state: QueenState, config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    hc = HypercornConfig()
-    hc.bind = [f"{config.host}:{config.port}"]
-    hc.accesslog = None
-    hc.errorlog = None
-    hc.graceful_timeout = DRAIN_S
-    hc.keep_alive_timeout = 75.0
+    hc = hypercorn_config(config.host, config.port, graceful_timeout_s=DRAIN_S)
     app = create_app(state)
 
     async def started_port(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

@@ -25,16 +25,9 @@ from typing import Any
 
 import asyncssh
 
-from ..errors import SshError
+from ..errors import NodeUnreachableError, SshError
 from .asyncio_bridge import AsyncioBridge
 from .nodes import Node
-
-
-class NodeUnreachableError(SshError):
-    """Adding a node failed its SSH test; a 4xx because the caller's input must change."""
-
-    code = "node_unreachable"
-    http_status = 422
 
 
 def _connect_options(node: Node) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..errors import AuthError, RbeeError
+from ..http_common import sse_response
 from ..narration import Error, Ready, narration_context, sse
 from .inference import KEEPALIVE_SECONDS, SseBody, run_inference
 from .narrator import Narrator
@@ -39,8 +40,6 @@ from .validation import check_fits_context, parse_inference_request
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Prompts longer than this are tokenized on a thread, so /health never waits on them.
 TOKENIZE_INLINE_CHARS = 16 * 1024
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _HTTP_CODES = {
     404: "not_found",
@@ -67,12 +66,6 @@ def _dumps(obj: Any) -> bytes:
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(_dumps(obj), status=status, mimetype="application/json")
-
-
-def _sse_response(body: Any) -> Response:
-    response = Response(body, mimetype="text/event-stream", headers=_SSE_HEADERS)
-    response.timeout = None  # a stream lasts as long as its generation
-    return response
 
 
 def bearer_matches(header: str | None, key: str) -> bool:
@@ -144,7 +137,7 @@ def create_app(state: WorkerState) -> QuartTrio:
     @app.get("/v1/loading/progress")
     async def loading_progress() -> Response:
         """SSE of the model load."""
-        return _sse_response(_progress_stream(state))
+        return sse_response(_progress_stream(state))
 
     @app.post("/v1/inference")
     async def inference() -> Response:
@@ -167,7 +160,7 @@ def create_app(state: WorkerState) -> QuartTrio:
             job.cancel()
             state.release(job)
             raise
-        return _sse_response(SseBody(receive, job, state.config.worker_id))
+        return sse_response(SseBody(receive, job, state.config.worker_id))
 
     @app.delete("/v1/inference/<job_id>")
     async def cancel_inference(job_id: str) -> Response:

@@ -17,6 +17,7 @@ import httpx
 import trio
 
 from ..errors import WorkerError
+from ..http_client import async_client
 from .narrator import Narrator
 
 SECONDS = 1.0
@@ -55,7 +56,7 @@ async def post_ready_callback(
     deadline = trio.current_time() + CALLBACK_PATIENCE
     delay = FIRST_DELAY
     attempt = 0
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with async_client(callback_url) as client:
         while True:
             attempt += 1
             problem, permanent = await _attempt(client, callback_url, body, headers)

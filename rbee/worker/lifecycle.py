@@ -1,17 +1,15 @@
-"""Process-level lifecycle: dying with the parent, and turning signals into a shutdown.
+"""Process-level lifecycle: turning signals into a shutdown.
 
-``set_parent_death_signal()`` is called by the worker itself at startup (not only by
-whoever spawns it), so the guarantee holds for any parent: a hive, a test, a shell script.
-Caveat of Linux's ``PR_SET_PDEATHSIG``: it fires when the parent *thread* that forked us
-exits, not the parent process; a parent must spawn workers from a long-lived thread (its
-main/event-loop thread), never from a short-lived worker thread.
+Dying with the parent is ``rbee.lifetime.set_parent_death_signal()``, which the worker
+calls itself at startup (not only whoever spawns it sets it), so the guarantee holds for
+any parent: a hive, a test, a shell script. Caveat of Linux's ``PR_SET_PDEATHSIG``: it
+fires when the parent *thread* that forked us exits, not the parent process; a parent must
+spawn workers from a long-lived thread (its main/event-loop thread).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import signal
 import sys
 import threading
@@ -21,20 +19,6 @@ import trio
 
 from .narrator import Narrator
 from .state import WorkerState
-
-PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
-    """Ask Linux to send ``signum`` to this process when its parent dies; False elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
 
 #: The signals that mean "shut down cleanly, exit 0".
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

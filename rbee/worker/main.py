@@ -31,7 +31,8 @@ from .config import (
     EXIT_USAGE,
     WorkerConfig,
 )
-from .lifecycle import install_early_exit, set_parent_death_signal
+from ..lifetime import set_parent_death_signal
+from .lifecycle import install_early_exit
 from .narrator import Narrator
 
 class UsageError(ValueError):

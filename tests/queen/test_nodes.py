@@ -10,7 +10,8 @@ import trio
 from rbee.errors import InvalidRequestError, NotFoundError
 from rbee.queen.asyncio_bridge import AsyncioBridge
 from rbee.queen.nodes import LOCALHOST, Node, NodeRegistry, validate_node_fields
-from rbee.queen.ssh import NodeUnreachableError, probe_node
+from rbee.errors import NodeUnreachableError
+from rbee.queen.ssh import probe_node
 
 
 def test_localhost_is_built_in_and_first(tmp_path: Path) -> None:
