@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from ..errors import RbeeError
-from ..narration import DONE, End, Error, Metrics, Started, narration_context, sse
+from ..narration import DONE, End, Error, Metrics, Started, Token, narration_context, sse
 from .narrator import Narrator
 from .state import Job, WorkerState
 from .validation import InferenceRequest
@@ -40,6 +40,11 @@ from .validation import InferenceRequest
 TOKEN_NARRATION_EVERY = 32
 #: Keep-alive comment interval on a quiet stream (DESIGN.md: every 15 s).
 KEEPALIVE_SECONDS = 15.0
+#: After the first token, tokens are written at most this often (several per chunk). Each
+#: write costs the event loop CPU that, on a small machine, it takes from llama.cpp's decode
+#: threads: an OpenMP barrier waits for a preempted thread, so per-write cost is amplified.
+#: 20 ms is invisible to a reader and still streams (a decode step is ~10-25 ms here).
+COALESCE_SECONDS = 0.020
 
 
 def sampling_params(request: InferenceRequest) -> Any:
@@ -212,6 +217,7 @@ class SseBody:
         self._job = job
         self._worker_id = worker_id
         self._finished = False
+        self._last_write = 0.0
 
     def __aiter__(self) -> SseBody:
         return self
@@ -227,6 +233,9 @@ class SseBody:
                 return self._cut_short()
         if not events:
             return sse.encode_ping()
+        if isinstance(events[0], Token) and events[0].i > 0:
+            # Let a few more tokens gather; an `end` or DONE arriving meanwhile is drained too.
+            await trio.sleep_until(self._last_write + COALESCE_SECONDS)
         while True:
             try:
                 events.append(self._receive.receive_nowait())
@@ -234,6 +243,7 @@ class SseBody:
                 break
         if events[-1] is DONE:
             self._finished = True
+        self._last_write = trio.current_time()
         return b"".join(sse.encode(event) for event in events)
 
     def _cut_short(self) -> bytes:
