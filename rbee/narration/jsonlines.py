@@ -18,7 +18,7 @@ import codecs
 from ..errors import NarrationError
 from .events import Event, NarrationEvent
 from .redact import redact_text
-from ._lines import LineSplitter
+from ._lines import MAX_LINE_CHARS, LineSplitter
 from .wire import event_json, from_parsed, loads
 
 VERSION = 1
@@ -33,11 +33,13 @@ def encode(event: Event) -> bytes:
 class Decoder:
     """Incremental JSON-lines reader; foreign lines become ``action="stdout"`` narration."""
 
-    def __init__(self, actor: str = "stdout", *, redact: bool = True) -> None:
+    def __init__(self, actor: str = "stdout", *, redact: bool = True,
+                 max_line_chars: int = MAX_LINE_CHARS) -> None:
         self.actor = actor
         self.redact = redact
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._lines = LineSplitter()
+        # Cut, never refuse, an endless line: nothing a child prints may be lost.
+        self._lines = LineSplitter(max_line_chars=max_line_chars, cut=True)
         self._in_key_block = False  # inside a private key block spread over lines
         self._closed = False
 

@@ -27,7 +27,7 @@ import codecs
 
 from ..errors import NarrationError
 from .events import DONE, Done, Event, UnknownEvent
-from ._lines import LineSplitter
+from ._lines import MAX_LINE_CHARS, LineSplitter
 from .wire import event_json, from_parsed, loads
 
 _DONE_BYTES = b"data: [DONE]\n\n"
@@ -93,11 +93,12 @@ class Decoder:
     (``None`` until one arrives); they are stream state, not part of any event.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_line_chars: int = MAX_LINE_CHARS) -> None:
         # utf-8-sig drops one leading BOM even when it arrives split over chunks;
         # "replace" because a foreign server may send bytes that are not UTF-8.
         self._text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-        self._lines = LineSplitter()
+        # An endless line raises NarrationError rather than growing without bound.
+        self._lines = LineSplitter(max_line_chars=max_line_chars)
         self._skip_lf = False  # the previous chunk ended with CR: an LF now is its pair
         self._data: list[str] = []
         self._name = ""
