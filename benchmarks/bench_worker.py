@@ -20,62 +20,25 @@ Two OpenMP thread pools in one process would slow each other down (see
 rbee/worker/native_thread.py).
 
 llama-bench comes from PATH, else from the user cache (built once from the sdist of the
-installed llama-cpp-python with CMake; about 6 minutes on 2 cores).
+installed llama-cpp-python with CMake; about 6 minutes on 2 cores; see llama_tools.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+from llama_tools import llama_bench_binary, llama_cpp_python_version
+
 PROMPT = "Once upon a time"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rbee"
-
-
-def llama_bench_binary(version: str) -> Path:
-    """llama-bench from PATH, else from the cache, else built once into the cache."""
-    on_path = shutil.which("llama-bench")
-    if on_path:
-        return Path(on_path)
-    root = cache_root() / f"llama-bench-{version}"
-    binary = root / "build" / "bin" / "llama-bench"
-    if binary.is_file():
-        return binary
-    explicit = os.environ.get("RBEE_LLAMA_CPP_SRC")
-    source = Path(explicit) / "vendor" / "llama.cpp" if explicit else root / "src" / "vendor" / "llama.cpp"
-    if not (source / "CMakeLists.txt").is_file():
-        print(f"llama-bench: fetching the llama-cpp-python {version} sdist", file=sys.stderr)
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
-                            f"llama-cpp-python=={version}", "-d", tmp], check=True)
-            shutil.rmtree(root / "unpack", ignore_errors=True)
-            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
-                tar.extractall(root / "unpack", filter="data")
-        shutil.rmtree(root / "src", ignore_errors=True)  # a half-extracted tree from before
-        next((root / "unpack").iterdir()).rename(root / "src")
-        source = root / "src" / "vendor" / "llama.cpp"
-    print("llama-bench: building it once (CMake Release, ~6 min on 2 cores)", file=sys.stderr)
-    subprocess.run(["cmake", "-S", str(source), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-bench", "-j", "2"], check=True,
-                   stdout=subprocess.DEVNULL)
-    return binary
 
 
 def run_llama_bench(binary: Path, model: Path, threads: int, tokens: int) -> tuple[float, float | None]:
@@ -302,7 +265,7 @@ def main() -> int:
 
     from rbee.worker.engine import native_build_info
 
-    version = importlib.metadata.version("llama-cpp-python")
+    version = llama_cpp_python_version()
     bench_binary = llama_bench_binary(version)
     info = native_build_info()
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:

@@ -417,19 +417,38 @@ rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text,
 /* ---- context ------------------------------------------------------------------------ */
 
 rbee_context_params rbee_context_default_params(void) {
-    rbee_context_params p = {.n_ctx = 4096, .n_batch = 512, .n_seq_max = 1, .n_threads = 4, .flash_attn = 0};
+    rbee_context_params p = {.n_ctx_seq = 4096, .n_seq_max = 4, .n_chunk = 256, .n_threads = 4, .flash_attn = 0};
     return p;
 }
 
+/* llama.cpp asks this between graph nodes: only a shutdown stops a running decode; a
+ * stream is cancelled at the step boundary, which touches no other stream. */
 static bool context_abort_callback(void * data) {
     rbee_context * ctx = data;
-    rbee_abort_flag * flag = atomic_load_explicit(&ctx->prefill_abort, memory_order_acquire);
-    return rbee_abort_flag_is_set(flag);
+    return atomic_load_explicit(&ctx->aborted, memory_order_acquire);
+}
+
+void rbee_context_abort(rbee_context * ctx) {
+    if (ctx != NULL) {
+        atomic_store_explicit(&ctx->aborted, true, memory_order_release);
+    }
+}
+
+static void sequence_free_members(rbee_sequence * seq) {
+    if (seq->chain != NULL) {
+        llama_sampler_free(seq->chain);
+        seq->chain = NULL;
+    }
+    rbee_text_stream_free(&seq->text);
+    free(seq->tokens);
+    free(seq->piece);
+    free(seq->out);
 }
 
 rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * params, rbee_context ** out) {
-    if (model == NULL || params == NULL || out == NULL || params->n_ctx == 0 || params->n_batch == 0 ||
-        params->n_seq_max == 0 || params->n_threads <= 0 || params->flash_attn < -1 || params->flash_attn > 1) {
+    if (model == NULL || params == NULL || out == NULL || params->n_ctx_seq < 16 || params->n_chunk == 0 ||
+        params->n_seq_max == 0 || params->n_seq_max > 256 || params->n_threads <= 0 || params->flash_attn < -1 ||
+        params->flash_attn > 1) {
         return RBEE_STATUS_INVALID_ARGUMENT;
     }
     *out = NULL;
@@ -441,18 +460,45 @@ rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * 
     }
     ctx->model = model;
     ctx->n_seq_max = params->n_seq_max;
-    atomic_init(&ctx->prefill_abort, NULL);
-    ctx->sequences = calloc(params->n_seq_max, sizeof(rbee_sequence *));
+    ctx->n_ctx_seq = params->n_ctx_seq;
+    ctx->n_chunk = params->n_chunk;
+    atomic_init(&ctx->aborted, false);
+    ctx->sequences = calloc(params->n_seq_max, sizeof(rbee_sequence));
     if (ctx->sequences == NULL) {
         status = RBEE_STATUS_OUT_OF_MEMORY;
         goto done;
     }
+    for (uint32_t i = 0; i < params->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        seq->ctx = ctx;
+        seq->seq_id = (int32_t) i;
+        seq->notify_fd = -1;
+        atomic_init(&seq->cancel, 0);
+        rbee_text_stream_init(&seq->text);
+        seq->piece_cap = 64;
+        seq->piece = malloc((size_t) seq->piece_cap);
+        seq->tokens = malloc((size_t) params->n_ctx_seq * sizeof(llama_token));
+        if (seq->piece == NULL || seq->tokens == NULL) {
+            status = RBEE_STATUS_OUT_OF_MEMORY;
+            goto done;
+        }
+    }
 
+    /* One batch = one ubatch: every decoding sequence's token plus one prompt chunk, so a
+     * step is exactly one graph computation and its time is bounded by n_chunk. */
+    uint32_t n_batch = params->n_chunk + params->n_seq_max;
     struct llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = params->n_ctx;
-    cp.n_batch = params->n_batch;
-    cp.n_ubatch = params->n_batch;
+    cp.n_ctx = params->n_ctx_seq * params->n_seq_max;
+    cp.n_batch = n_batch;
+    cp.n_ubatch = n_batch;
     cp.n_seq_max = params->n_seq_max;
+    /* One unified KV buffer: a mixed batch (sequences at different positions, any seq_ids)
+     * goes through as one ubatch; split per-sequence streams would need equal splits of
+     * consecutive seq_ids and cut a step into several ubatches. Each sequence's share is
+     * enforced by submit (prompt + max_tokens <= n_ctx_seq). */
+    cp.kv_unified = true;
+    /* swa_full stays as llama.cpp's default (true): a sliding-window model (Gemma 3) keeps
+     * every cell, which is what lets a later request reuse a cached prefix. */
     cp.n_threads = params->n_threads;
     cp.n_threads_batch = params->n_threads;
     cp.flash_attn_type = (enum llama_flash_attn_type) params->flash_attn;
@@ -464,9 +510,7 @@ rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * 
         status = RBEE_STATUS_CONTEXT_FAILED;
         goto done;
     }
-    ctx->n_batch = llama_n_batch(ctx->lctx);
-    ctx->n_ctx_seq = llama_n_ctx_seq(ctx->lctx);
-    ctx->batch = llama_batch_init((int32_t) ctx->n_batch, 0, 1);
+    ctx->batch = llama_batch_init((int32_t) n_batch, 0, 1);
     if (ctx->batch.token == NULL || ctx->batch.seq_id == NULL) {
         status = RBEE_STATUS_CONTEXT_FAILED;
         goto done;
@@ -492,61 +536,77 @@ void rbee_context_free(rbee_context * ctx) {
     if (ctx->lctx != NULL) {
         llama_free(ctx->lctx);
     }
+    if (ctx->sequences != NULL) {
+        for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+            sequence_free_members(&ctx->sequences[i]);
+        }
+    }
     free(ctx->sequences);
     free(ctx);
 }
 
 uint32_t rbee_context_n_ctx_seq(const rbee_context * ctx) { return ctx == NULL ? 0 : ctx->n_ctx_seq; }
+uint32_t rbee_context_n_seq_max(const rbee_context * ctx) { return ctx == NULL ? 0 : ctx->n_seq_max; }
+uint32_t rbee_context_n_chunk(const rbee_context * ctx) { return ctx == NULL ? 0 : ctx->n_chunk; }
+
+int32_t rbee_context_n_active(const rbee_context * ctx) {
+    int32_t n = 0;
+    for (uint32_t i = 0; ctx != NULL && i < ctx->n_seq_max; i++) {
+        rbee_seq_state st = ctx->sequences[i].state;
+        n += st == RBEE_SEQ_PREFILL || st == RBEE_SEQ_DECODE;
+    }
+    return n;
+}
+
+int32_t rbee_context_n_free(const rbee_context * ctx) {
+    int32_t n = 0;
+    for (uint32_t i = 0; ctx != NULL && i < ctx->n_seq_max; i++) {
+        n += ctx->sequences[i].state == RBEE_SEQ_FREE;
+    }
+    return n;
+}
+
+int32_t rbee_context_max_events(const rbee_context * ctx) { return ctx == NULL ? 0 : 2 * (int32_t) ctx->n_seq_max; }
 
 /* ---- sequence ----------------------------------------------------------------------- */
 
-rbee_status rbee_sequence_create(rbee_context * ctx, int32_t seq_id, rbee_sequence ** out) {
-    if (ctx == NULL || out == NULL || seq_id < 0 || (uint32_t) seq_id >= ctx->n_seq_max) {
+int32_t rbee_sequence_id(const rbee_sequence * seq) { return seq == NULL ? -1 : seq->seq_id; }
+
+void rbee_sequence_cancel(rbee_sequence * seq) {
+    if (seq != NULL) {
+        atomic_store_explicit(&seq->cancel, 1, memory_order_release);
+    }
+}
+
+rbee_status rbee_sequence_status(const rbee_sequence * seq) {
+    return seq == NULL ? RBEE_STATUS_INVALID_ARGUMENT : seq->status;
+}
+
+const char * rbee_sequence_error(const rbee_sequence * seq) { return seq == NULL ? "" : seq->error; }
+
+rbee_status rbee_sequence_get_result(const rbee_sequence * seq, rbee_generation_result * out) {
+    if (seq == NULL || out == NULL) {
         return RBEE_STATUS_INVALID_ARGUMENT;
     }
-    *out = NULL;
-    if (ctx->sequences[seq_id] != NULL) {
-        return RBEE_STATUS_SEQUENCE_BUSY;
-    }
-    rbee_sequence * seq = calloc(1, sizeof(rbee_sequence));
-    if (seq == NULL) {
-        return RBEE_STATUS_OUT_OF_MEMORY;
-    }
-    seq->ctx = ctx;
-    seq->seq_id = seq_id;
-    seq->piece_cap = 64;
-    seq->piece = malloc((size_t) seq->piece_cap);
-    if (seq->piece == NULL) {
-        free(seq);
-        return RBEE_STATUS_OUT_OF_MEMORY;
-    }
-    rbee_text_stream_init(&seq->text);
-    ctx->sequences[seq_id] = seq;
-    *out = seq;
+    *out = seq->result;
     return RBEE_STATUS_OK;
 }
 
-void rbee_sequence_free(rbee_sequence * seq) {
-    if (seq == NULL) {
-        return;
+rbee_status rbee_sequence_release(rbee_sequence * seq) {
+    if (seq == NULL || seq->state != RBEE_SEQ_FINISHED) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
     }
-    if (seq->ctx->sequences[seq->seq_id] == seq) {
-        seq->ctx->sequences[seq->seq_id] = NULL;
-    }
-    if (seq->chain != NULL) {
-        llama_sampler_free(seq->chain);
-    }
-    rbee_text_stream_free(&seq->text);
-    free(seq->piece);
-    free(seq);
+    seq->state = RBEE_SEQ_FREE;
+    seq->notify_fd = -1;
+    seq->notify_pending = false;
+    return RBEE_STATUS_OK;
 }
 
 rbee_generate_params rbee_generate_default_params(void) {
     rbee_generate_params p = {
         .prompt = "", .prompt_len = 0, .chat = false, .max_tokens = 256, .temperature = 0.8f,
         .top_p = 0.95f, .top_k = 40, .min_p = 0.05f, .repeat_penalty = 1.0f, .seed = LLAMA_DEFAULT_SEED,
-        .stop = NULL, .n_stop = 0, .abort = NULL, .notify_fd = -1,
+        .stop = NULL, .n_stop = 0, .cache_prompt = true, .notify_fd = -1,
     };
     return p;
 }
-

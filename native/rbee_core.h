@@ -5,18 +5,24 @@
  * returns an rbee_status, and ownership is written next to each function.
  *
  *   rbee_model     one loaded GGUF (weights, vocabulary, chat template) on one backend/device
- *   rbee_context   one llama_context over a model: a KV cache holding up to n_seq_max
- *                  sequences (seq_id 0 .. n_seq_max-1)
- *   rbee_sequence  one stream of generation in a context: its own seq_id, sampler chain,
- *                  stop strings, UTF-8 carry buffer and abort flag
+ *   rbee_context   one llama_context over a model: a KV cache shared by n_seq_max
+ *                  sequences, and the step that advances all of them with one llama_decode
+ *   rbee_sequence  one slot of a context (seq_id 0 .. n_seq_max-1), owned by the context.
+ *                  Everything one stream needs lives here, never in the context: its
+ *                  tokens (and which of them are cached in the KV cells), sampler chain,
+ *                  stop strings, UTF-8 carry, abort flag, status, error text and figures.
  *
- * Today the worker drives one sequence at a time (rbee_sequence_generate runs the whole
- * prefill + decode loop for that sequence). Serving several streams from one batched
- * llama_decode adds a scheduler over several rbee_sequence objects of the same context;
- * the per-sequence state already lives in rbee_sequence, not in the context.
+ * Continuous batching, driven by the caller as llama.h is: rbee_context_submit puts a
+ * request on a free sequence (the one whose cached tokens share the longest prefix with
+ * the prompt); each rbee_context_step builds ONE llama_batch with one token of every
+ * decoding sequence plus up to n_chunk prompt tokens of sequences still in prefill
+ * (chunked prefill: a long prompt never stalls the others for more than one chunk),
+ * calls llama_decode once, samples every sequence that got logits and hands back what
+ * happened as events in a caller-provided array. A finished sequence is read
+ * (rbee_sequence_get_result) and handed back with rbee_sequence_release.
  *
- * Threading: a model, context or sequence is used by one thread at a time, except
- * rbee_abort_flag_set / rbee_abort_flag_is_set, which any thread may call at any time.
+ * Threading: one thread drives a context (submit, step, release, free). Any thread may
+ * call rbee_sequence_cancel, rbee_context_abort and the abort-flag functions at any time.
  * This header is also the cffi cdef: keep it free of preprocessor logic below the marker.
  */
 #ifndef RBEE_CORE_H
@@ -42,7 +48,7 @@ typedef enum rbee_status {
     RBEE_STATUS_NO_CHAT_TEMPLATE = 6,    /* chat requested but llama.cpp cannot apply the model's template */
     RBEE_STATUS_TOKENIZE_FAILED = 7,     /* llama_tokenize failed (or produced no token) */
     RBEE_STATUS_PROMPT_TOO_LONG = 8,     /* prompt tokens + max_tokens exceed the sequence's context */
-    RBEE_STATUS_SEQUENCE_BUSY = 9,       /* seq_id already has a live rbee_sequence */
+    RBEE_STATUS_SEQUENCE_BUSY = 9,       /* no sequence of the context is free */
     RBEE_STATUS_SAMPLER_FAILED = 10,     /* a llama_sampler_init_* returned NULL */
     RBEE_STATUS_MEMORY_FAILED = 11,      /* llama_memory_seq_rm refused to clear the sequence */
     RBEE_STATUS_DECODE_NO_SLOT = 12,     /* llama_decode returned 1: no KV slot for the batch */
@@ -55,7 +61,7 @@ typedef enum rbee_stop_reason {
     RBEE_STOP_MAX_TOKENS = 1,
     RBEE_STOP_SEQUENCE = 2,      /* a stop string appeared; neither it nor what follows was emitted */
     RBEE_STOP_EOS = 3,           /* the model sampled an end-of-generation token (llama_vocab_is_eog) */
-    RBEE_STOP_CANCELLED = 4      /* the abort flag was set */
+    RBEE_STOP_CANCELLED = 4      /* rbee_sequence_cancel (or the one-shot loop's abort flag) */
 } rbee_stop_reason;
 
 typedef struct rbee_model rbee_model;
@@ -88,8 +94,8 @@ int32_t rbee_backend_device_count(const char * backend_name);
 
 /* ---- abort flag --------------------------------------------------------------------- */
 
-/* A flag the token loop reads before every decode step. Owned by the caller:
- * rbee_abort_flag_free releases it; it must outlive every generate call it is given to. */
+/* A flag that any thread may set. Owned by the caller: rbee_abort_flag_free releases it;
+ * it must outlive every call it is given to. */
 rbee_status rbee_abort_flag_create(rbee_abort_flag ** out);
 void rbee_abort_flag_free(rbee_abort_flag * flag);
 void rbee_abort_flag_set(rbee_abort_flag * flag);
@@ -122,7 +128,7 @@ rbee_status rbee_model_load(const char * path, const rbee_model_params * params,
 void rbee_model_free(rbee_model * model);
 rbee_status rbee_model_get_info(const rbee_model * model, rbee_model_info * out);
 
-/* Number of tokens `text` becomes, exactly as rbee_sequence_generate would feed it
+/* Number of tokens `text` becomes, exactly as rbee_context_submit would feed it
  * (BOS as the model wants; with chat, wrapped in the model's chat template as one user
  * message with the assistant prompt appended). */
 rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text, int32_t text_len,
@@ -131,28 +137,41 @@ rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text,
 /* ---- context ------------------------------------------------------------------------ */
 
 typedef struct rbee_context_params {
-    uint32_t n_ctx;      /* total KV cells; each sequence gets n_ctx / n_seq_max */
-    uint32_t n_batch;    /* prompt tokens per llama_decode during prefill */
-    uint32_t n_seq_max;  /* sequences this context can hold at once */
+    uint32_t n_ctx_seq;  /* tokens one sequence may hold (prompt + generated); the KV cache
+                          * holds n_ctx_seq * n_seq_max cells, shared by all sequences */
+    uint32_t n_seq_max;  /* sequences (slots) this context serves at once */
+    uint32_t n_chunk;    /* prompt tokens per step, over all sequences in prefill */
     int32_t n_threads;   /* threads for decode and prefill */
     int32_t flash_attn;  /* -1 auto, 0 off, 1 on */
 } rbee_context_params;
 
 rbee_context_params rbee_context_default_params(void);
 
-/* On RBEE_STATUS_OK *out is a new context owned by the caller; it borrows `model`,
- * which must outlive it. Free every sequence of a context before the context. */
+/* On RBEE_STATUS_OK *out is a new context owned by the caller, with n_seq_max sequences
+ * of its own; it borrows `model`, which must outlive it. */
 rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * params, rbee_context ** out);
+/* Frees the context and its sequences (no sequence pointer may be used afterwards). */
 void rbee_context_free(rbee_context * ctx);
-/* KV cells available to one sequence. */
+/* Tokens one sequence may hold (n_ctx_seq). */
 uint32_t rbee_context_n_ctx_seq(const rbee_context * ctx);
+uint32_t rbee_context_n_seq_max(const rbee_context * ctx);
+uint32_t rbee_context_n_chunk(const rbee_context * ctx);
+/* Sequences now in prefill or decode (submitted, not yet finished). */
+int32_t rbee_context_n_active(const rbee_context * ctx);
+/* Sequences free for a submit. */
+int32_t rbee_context_n_free(const rbee_context * ctx);
 
-/* ---- sequence ----------------------------------------------------------------------- */
+/* Forgets the cached prompt prefix of every free sequence (their KV cells are removed).
+ * With a unified cache, other sequences' cells change where a new prompt's cells land and
+ * so the order of float sums in attention: a near-tie can flip. On an empty cache a
+ * request with cache_prompt = false computes exactly what a fresh llama.cpp context does. */
+rbee_status rbee_context_clear_cache(rbee_context * ctx);
 
-/* On RBEE_STATUS_OK *out is a new sequence owned by the caller, bound to seq_id in ctx
- * (which must outlive it). One live sequence per seq_id. */
-rbee_status rbee_sequence_create(rbee_context * ctx, int32_t seq_id, rbee_sequence ** out);
-void rbee_sequence_free(rbee_sequence * seq);
+/* Any thread: make a running llama_decode return at its next graph node and fail every
+ * later step. For shutdown only (a stream is cancelled with rbee_sequence_cancel). */
+void rbee_context_abort(rbee_context * ctx);
+
+/* ---- requests and steps ------------------------------------------------------------ */
 
 typedef struct rbee_generate_params {
     const char * prompt;       /* UTF-8, prompt_len bytes, need not be NUL-terminated */
@@ -165,26 +184,93 @@ typedef struct rbee_generate_params {
     float min_p;
     float repeat_penalty;      /* 1.0 = off */
     uint32_t seed;             /* 0xFFFFFFFF (LLAMA_DEFAULT_SEED) = random */
-    const char * const * stop; /* n_stop NUL-terminated UTF-8 strings, borrowed for the call */
+    const char * const * stop; /* n_stop NUL-terminated UTF-8 strings, copied by submit */
     int32_t n_stop;
-    rbee_abort_flag * abort;   /* read before every decode step; may be NULL */
-    int32_t notify_fd;         /* -1 = none; else after each on_token one byte is written to this
-                                * (non-blocking) fd, outside any lock of the caller's, so that an
-                                * event loop wakes up without the callback making a syscall */
+    bool cache_prompt;         /* reuse the longest cached prefix of the prompt (default true) */
+    int32_t notify_fd;         /* -1 = none; else one byte is written to this (non-blocking) fd
+                                * after every step that gave this sequence an event, from C and
+                                * outside any lock of the caller's: at the start of the next step
+                                * (so the caller has handled the events first) or by
+                                * rbee_context_flush_notify. An event loop wakes up without the
+                                * caller making a syscall per token. */
 } rbee_generate_params;
+
+rbee_generate_params rbee_generate_default_params(void);
+
+/* Puts a request on a free sequence: tokenizes it (as rbee_model_count_tokens counts),
+ * checks that prompt + max_tokens fit n_ctx_seq, copies the stop strings, builds the
+ * sampler and picks the free sequence whose cached tokens share the longest prefix with
+ * the prompt (with cache_prompt; else the least recently used one). The shared cells are
+ * kept, the rest of that sequence's cells removed; at least the last prompt token is
+ * always evaluated again. The request runs from the next step on.
+ * On RBEE_STATUS_OK *out is that sequence (owned by the context); on an error no sequence
+ * changed. RBEE_STATUS_SEQUENCE_BUSY: no sequence is free. */
+rbee_status rbee_context_submit(rbee_context * ctx, const rbee_generate_params * params, rbee_sequence ** out);
+
+typedef enum rbee_event_kind {
+    RBEE_EVENT_PIECE = 1,     /* text: whole UTF-8, no stop string in it */
+    RBEE_EVENT_PREFILL = 2,   /* a prompt chunk was evaluated: done of total prompt tokens */
+    RBEE_EVENT_FINISHED = 3   /* the sequence ended: read it, then rbee_sequence_release it */
+} rbee_event_kind;
+
+typedef struct rbee_event {
+    rbee_event_kind kind;
+    int32_t seq_id;
+    rbee_sequence * seq;
+    int32_t index;            /* PIECE: the piece's index in its stream (0, 1, ...); PREFILL: tokens done */
+    int32_t total;            /* PREFILL: the prompt's tokens (cached ones included) */
+    const char * text;        /* PIECE: len bytes, borrowed until the next step or release */
+    size_t len;
+} rbee_event;
+
+/* The most events one step can write: two per sequence (a piece and its end). */
+int32_t rbee_context_max_events(const rbee_context * ctx);
+
+/* Advances every active sequence by one llama_decode: cancelled sequences end (their KV
+ * cells freed, nobody else touched), then one batch holds one token of every decoding
+ * sequence plus up to n_chunk prompt tokens of sequences in prefill (oldest submit
+ * first); every sequence that got logits is sampled.
+ * Returns the number of events written to events[0 .. n_events), or -n when n_events is
+ * smaller than the n this step may need (nothing was done: call again with room for n).
+ * 0 means nothing is active. *status is OK, or the error of a failed llama_decode: every
+ * sequence of that step then ends with that status and the same error text. */
+int32_t rbee_context_step(rbee_context * ctx, rbee_event * events, int32_t n_events, rbee_status * status);
+
+/* Writes the wake-up byte of every sequence whose events are not yet signalled (call it
+ * when the driving thread is about to sleep instead of stepping). */
+void rbee_context_flush_notify(rbee_context * ctx);
+
+/* ---- sequence ----------------------------------------------------------------------- */
 
 typedef struct rbee_generation_result {
     int32_t prompt_tokens;
+    int32_t prompt_tokens_cached; /* of prompt_tokens, taken from the KV cache, not evaluated */
     int32_t tokens_generated;  /* tokens sampled (an end-of-generation token is not counted) */
-    int32_t pieces_emitted;    /* calls of the token callback */
+    int32_t pieces_emitted;    /* PIECE events */
     rbee_stop_reason stop_reason;
-    double prefill_ms;         /* tokenize + prompt decode */
-    double time_to_first_token_ms; /* from the call until the first piece was handed over */
-    double decode_ms;          /* from the end of prefill to the end of the loop */
+    double prefill_ms;         /* from submit to the end of the prompt's evaluation */
+    double time_to_first_token_ms; /* from submit until the first piece was handed over */
+    double decode_ms;          /* from the end of prefill to the end of the stream */
     double tokens_per_sec;     /* tokens_generated / decode_ms */
     double sample_ms;          /* of decode_ms: sampling + detokenizing + stop-string checks */
-    double callback_ms;        /* of decode_ms: inside on_token (the cost of delivery) */
+    double callback_ms;        /* rbee_context_generate only: inside on_token */
 } rbee_generation_result;
+
+int32_t rbee_sequence_id(const rbee_sequence * seq);
+/* Any thread, any time, idempotent: the sequence ends with RBEE_STOP_CANCELLED at the next
+ * step boundary (within one prefill chunk), its KV cells freed. */
+void rbee_sequence_cancel(rbee_sequence * seq);
+/* After its FINISHED event: RBEE_STATUS_OK, or the error that ended it. */
+rbee_status rbee_sequence_status(const rbee_sequence * seq);
+/* The sequence's own error text (empty when none); valid until its release. */
+const char * rbee_sequence_error(const rbee_sequence * seq);
+/* Its figures (also while it runs: what was measured so far). */
+rbee_status rbee_sequence_get_result(const rbee_sequence * seq, rbee_generation_result * out);
+/* Hands a finished sequence back to the context (its cells stay cached for prefix reuse).
+ * RBEE_STATUS_INVALID_ARGUMENT if it has not finished. */
+rbee_status rbee_sequence_release(rbee_sequence * seq);
+
+/* ---- the one-shot loop ------------------------------------------------------------- */
 
 /* Called once per piece of whole UTF-8 text; `text` (len bytes, not NUL-terminated) is
  * borrowed for the call. Return 0 to go on, non-zero to stop with RBEE_STATUS_CALLBACK_FAILED. */
@@ -193,16 +279,11 @@ typedef int (*rbee_token_callback)(void * user_data, int32_t index, const char *
 /* A token callback that discards every piece: the bare loop, for warm-up and benchmarks. */
 int rbee_discard_token(void * user_data, int32_t index, const char * text, size_t len);
 
-rbee_generate_params rbee_generate_default_params(void);
-
-/* Runs one request on this sequence: clears its KV cells, tokenizes, prefills in batches
- * of n_batch, then samples/decodes until max_tokens, a stop string, end of generation or
- * the abort flag. Blocking; calls on_token from the calling thread. `out` is filled even
- * when an error status is returned (with what was measured so far). The sequence's KV
- * cells are cleared again before returning. */
-rbee_status rbee_sequence_generate(rbee_sequence * seq, const rbee_generate_params * params,
-                                   rbee_token_callback on_token, void * user_data,
-                                   rbee_generation_result * out);
+/* A thin loop over the step API: submit, step until this request ends, release. Only on a
+ * context with no other active sequence (else RBEE_STATUS_SEQUENCE_BUSY). `abort` (may be
+ * NULL) cancels it. `out` is filled even when an error status is returned. */
+rbee_status rbee_context_generate(rbee_context * ctx, const rbee_generate_params * params, rbee_abort_flag * abort,
+                                  rbee_token_callback on_token, void * user_data, rbee_generation_result * out);
 
 /* --- cdef end --- */
 

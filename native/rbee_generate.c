@@ -1,9 +1,10 @@
 /*
- * rbee_generate.c: the token loop of one sequence: sampler chain, prefill in batches,
- * sample / detokenize / decode until a stop condition. See rbee_sequence_generate in
- * rbee_core.h for the contract.
+ * rbee_generate.c: continuous batching. rbee_context_submit puts a request on a free
+ * sequence (prefix reuse), rbee_context_step advances every active sequence with one
+ * llama_decode, rbee_context_generate is the one-shot loop over both. See rbee_core.h.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -103,19 +104,6 @@ static rbee_status sequence_piece(rbee_sequence * seq, llama_token token, int32_
     return RBEE_STATUS_OK;
 }
 
-/* Runs llama_decode on ctx->batch and maps its result. */
-static rbee_status context_decode(rbee_context * ctx, bool * aborted) {
-    int32_t rc = llama_decode(ctx->lctx, ctx->batch);
-    /* Wait for the computation here (as llama-bench does per token) so that the time
-     * split of the result charges the decode to decode, not to the sampler that reads
-     * the logits first. */
-    llama_synchronize(ctx->lctx);
-    *aborted = rc == 2;
-    if (rc == 0 || rc == 2) return RBEE_STATUS_OK;
-    if (rc == 1) return RBEE_STATUS_DECODE_NO_SLOT;
-    return RBEE_STATUS_DECODE_FAILED;
-}
-
 static void batch_set(struct llama_batch * batch, int32_t row, llama_token token, llama_pos pos, llama_seq_id seq_id,
                       bool logits) {
     batch->token[row] = token;
@@ -125,110 +113,115 @@ static void batch_set(struct llama_batch * batch, int32_t row, llama_token token
     batch->logits[row] = logits;
 }
 
-/* Removes every KV cell of this sequence; whole-sequence removal "never fails", but a
- * false here would leave the next request reading stale cells, so it is checked. */
-static rbee_status sequence_clear_memory(rbee_sequence * seq) {
+/* Removes this sequence's cells from position `from` on. A partial removal can be refused
+ * by some caches; the whole sequence then goes (whole-sequence removal never fails, but a
+ * false would leave stale cells, so it is checked). Returns the cells kept. */
+static int32_t sequence_trim_memory(rbee_sequence * seq, int32_t from, rbee_status * status) {
     llama_memory_t mem = llama_get_memory(seq->ctx->lctx);
-    if (mem == NULL || !llama_memory_seq_rm(mem, seq->seq_id, -1, -1)) {
-        return RBEE_STATUS_MEMORY_FAILED;
+    *status = RBEE_STATUS_OK;
+    if (mem == NULL) {
+        *status = RBEE_STATUS_MEMORY_FAILED;
+        return 0;
     }
-    return RBEE_STATUS_OK;
+    if (from > 0 && llama_memory_seq_rm(mem, seq->seq_id, from, -1)) {
+        return from;
+    }
+    if (!llama_memory_seq_rm(mem, seq->seq_id, -1, -1)) {
+        *status = RBEE_STATUS_MEMORY_FAILED;
+    }
+    return 0;
+}
+
+rbee_status rbee_context_clear_cache(rbee_context * ctx) {
+    if (ctx == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    rbee_status status = RBEE_STATUS_OK;
+    for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        if (seq->state == RBEE_SEQ_FREE && seq->n_cached > 0) {
+            rbee_status cleared;
+            seq->n_cached = sequence_trim_memory(seq, 0, &cleared);
+            if (cleared != RBEE_STATUS_OK) status = cleared;
+        }
+    }
+    return status;
 }
 
 int rbee_discard_token(void * user_data, int32_t index, const char * text, size_t len) { return 0; }
 
-/* What one rbee_sequence_generate call tracks besides the sequence itself. */
-typedef struct generation {
-    rbee_sequence * seq;
-    rbee_token_callback on_token;
-    void * user_data;
-    rbee_generation_result * out;
-    int32_t notify_fd;
-    double t_start;
-    double t_first_piece; /* 0 until the first piece is handed over */
-} generation;
-
-/* Hands pending[0..n) to the callback as one piece and forgets it. */
-static rbee_status emit(generation * g, size_t n) {
-    if (n == 0) {
-        return RBEE_STATUS_OK;
+static void write_notify(int fd) {
+    /* A full pipe already holds a wake-up for the reader: EAGAIN is fine to drop. */
+    const char byte = 1;
+    while (write(fd, &byte, 1) < 0 && errno == EINTR) {
     }
-    rbee_text_stream * ts = &g->seq->text;
-    if (g->t_first_piece == 0.0) {
-        g->t_first_piece = rbee_now_ms();
-    }
-    double t0 = rbee_now_ms();
-    int rc = g->on_token(g->user_data, g->out->pieces_emitted, ts->pending, n);
-    if (g->notify_fd >= 0) {
-        /* A full pipe already holds a wake-up for the reader: EAGAIN is fine to drop. */
-        const char byte = 1;
-        while (write(g->notify_fd, &byte, 1) < 0 && errno == EINTR) {
-        }
-    }
-    g->out->callback_ms += rbee_now_ms() - t0;
-    g->out->pieces_emitted++;
-    rbee_text_stream_consume(ts, n);
-    return rc == 0 ? RBEE_STATUS_OK : RBEE_STATUS_CALLBACK_FAILED;
 }
 
-static rbee_status check_params(const rbee_sequence * seq, const rbee_generate_params * p,
-                                rbee_token_callback on_token, const rbee_generation_result * out) {
-    if (seq == NULL || p == NULL || on_token == NULL || out == NULL || p->prompt_len < 0 ||
-        (p->prompt == NULL && p->prompt_len > 0) || p->max_tokens < 1 || !(p->temperature >= 0.0f) ||
-        p->n_stop < 0 || (p->n_stop > 0 && p->stop == NULL) || !(p->repeat_penalty > 0.0f)) {
+void rbee_context_flush_notify(rbee_context * ctx) {
+    for (uint32_t i = 0; ctx != NULL && i < ctx->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        if (seq->notify_pending && seq->notify_fd >= 0) {
+            write_notify(seq->notify_fd);
+        }
+        seq->notify_pending = false;
+    }
+}
+
+static rbee_status check_params(const rbee_generate_params * p) {
+    if (p == NULL || p->prompt_len < 0 || (p->prompt == NULL && p->prompt_len > 0) || p->max_tokens < 1 ||
+        !(p->temperature >= 0.0f) || p->n_stop < 0 || (p->n_stop > 0 && p->stop == NULL) ||
+        !(p->repeat_penalty > 0.0f)) {
         return RBEE_STATUS_INVALID_ARGUMENT;
     }
     return RBEE_STATUS_OK;
 }
 
-/* Decodes the prompt in batches of n_batch; the last row asks for logits. */
-static rbee_status prefill(generation * g, const llama_token * tokens, int32_t n_prompt, rbee_abort_flag * abort,
-                           int32_t * logits_row, bool * cancelled) {
-    rbee_context * ctx = g->seq->ctx;
-    rbee_status status = RBEE_STATUS_OK;
-    atomic_store_explicit(&ctx->prefill_abort, abort, memory_order_release);
-    for (int32_t start = 0; start < n_prompt; start += (int32_t) ctx->n_batch) {
-        if (rbee_abort_flag_is_set(abort)) {
-            *cancelled = true;
-            break;
+/* The free sequence to put `tokens` on, and how many of its cached tokens it shares. */
+static rbee_sequence * pick_sequence(rbee_context * ctx, const llama_token * tokens, int32_t n, bool reuse,
+                                     int32_t * common_out) {
+    rbee_sequence * best = NULL;
+    int32_t best_common = -1;
+    for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        if (seq->state != RBEE_SEQ_FREE) {
+            continue;
         }
-        int32_t n = n_prompt - start < (int32_t) ctx->n_batch ? n_prompt - start : (int32_t) ctx->n_batch;
-        for (int32_t j = 0; j < n; j++) {
-            batch_set(&ctx->batch, j, tokens[start + j], start + j, g->seq->seq_id, start + j == n_prompt - 1);
+        int32_t common = 0;
+        if (reuse) {
+            int32_t limit = seq->n_cached < n ? seq->n_cached : n;
+            while (common < limit && seq->tokens[common] == tokens[common]) {
+                common++;
+            }
         }
-        ctx->batch.n_tokens = n;
-        *logits_row = n - 1;
-        status = context_decode(ctx, cancelled);
-        if (status != RBEE_STATUS_OK || *cancelled) {
-            break;
+        /* The longest shared prefix; among equals the least recently used sequence, so that
+         * a cache someone may come back to survives longest. */
+        if (common > best_common || (common == best_common && seq->last_used < best->last_used)) {
+            best = seq;
+            best_common = common;
         }
     }
-    atomic_store_explicit(&ctx->prefill_abort, NULL, memory_order_release);
-    return status;
+    *common_out = best_common < 0 ? 0 : best_common;
+    return best;
 }
 
-rbee_status rbee_sequence_generate(rbee_sequence * seq, const rbee_generate_params * p, rbee_token_callback on_token,
-                                   void * user_data, rbee_generation_result * out) {
-    if (out != NULL) {
-        memset(out, 0, sizeof(*out));
+rbee_status rbee_context_submit(rbee_context * ctx, const rbee_generate_params * p, rbee_sequence ** out) {
+    if (ctx == NULL || out == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
     }
-    rbee_status status = check_params(seq, p, on_token, out);
+    *out = NULL;
+    rbee_status status = check_params(p);
     if (status != RBEE_STATUS_OK) {
         return status;
     }
+    if (rbee_context_n_free(ctx) == 0) {
+        return RBEE_STATUS_SEQUENCE_BUSY;
+    }
     rbee_clear_last_error();
-    generation g = {.seq = seq, .on_token = on_token, .user_data = user_data, .out = out,
-                    .notify_fd = p->notify_fd, .t_start = rbee_now_ms()};
-    rbee_context * ctx = seq->ctx;
-    const struct llama_vocab * vocab = ctx->model->vocab;
+    double t_submit = rbee_now_ms();
     llama_token * tokens = NULL;
     int32_t n_prompt = 0;
-    double t_prefilled = 0.0;
-    bool cancelled = false;
-
     status = rbee_tokenize_request(ctx->model, p->prompt, p->prompt_len, p->chat, &tokens, &n_prompt);
     if (status != RBEE_STATUS_OK) goto done;
-    out->prompt_tokens = n_prompt;
     if (n_prompt == 0) {
         status = RBEE_STATUS_TOKENIZE_FAILED;
         goto done;
@@ -237,88 +230,321 @@ rbee_status rbee_sequence_generate(rbee_sequence * seq, const rbee_generate_para
         status = RBEE_STATUS_PROMPT_TOO_LONG;
         goto done;
     }
-    /* The previous request's cells must go before this prompt is placed at position 0. */
-    status = sequence_clear_memory(seq);
-    if (status != RBEE_STATUS_OK) goto done;
+    int32_t common = 0;
+    rbee_sequence * seq = pick_sequence(ctx, tokens, n_prompt, p->cache_prompt, &common);
+    /* Everything that can fail without touching the sequence's cells comes first. */
     status = sequence_build_sampler(seq, p);
     if (status != RBEE_STATUS_OK) goto done;
     status = rbee_text_stream_reset(&seq->text, p->stop, p->n_stop);
     if (status != RBEE_STATUS_OK) goto done;
-
-    int32_t row = 0;
-    status = prefill(&g, tokens, n_prompt, p->abort, &row, &cancelled);
-    if (status != RBEE_STATUS_OK) goto done;
-    if (seq->chain != NULL) {
-        /* The repeat penalty looks back over the prompt too, as llama-server does. */
-        for (int32_t i = 0; i < n_prompt; i++) llama_sampler_accept(seq->chain, tokens[i]);
+    /* The last prompt token is always evaluated again: its logits pick the first token. */
+    int32_t keep = common < n_prompt - 1 ? common : n_prompt - 1;
+    keep = sequence_trim_memory(seq, keep, &status);
+    if (status != RBEE_STATUS_OK) {
+        seq->n_cached = 0;
+        goto done;
     }
-    t_prefilled = rbee_now_ms();
-    out->prefill_ms = t_prefilled - g.t_start;
-
-    llama_pos pos = n_prompt;
-    while (!cancelled) {
-        llama_token token;
-        double t_sample = rbee_now_ms();
-        status = sequence_sample(seq, row, &token);
-        if (status != RBEE_STATUS_OK) goto done;
-        if (llama_vocab_is_eog(vocab, token)) {
-            out->stop_reason = RBEE_STOP_EOS;
-            break;
-        }
-        out->tokens_generated++;
-        int32_t len = 0;
-        size_t emit_len = 0;
-        bool stopped = false;
-        status = sequence_piece(seq, token, &len);
-        if (status != RBEE_STATUS_OK) goto done;
-        status = rbee_text_stream_push(&seq->text, seq->piece, (size_t) len, &emit_len, &stopped);
-        if (status != RBEE_STATUS_OK) goto done;
-        out->sample_ms += rbee_now_ms() - t_sample; /* emit() below is counted in callback_ms */
-        status = emit(&g, emit_len);
-        if (status != RBEE_STATUS_OK) goto done;
-        if (stopped) {
-            out->stop_reason = RBEE_STOP_SEQUENCE;
-            break;
-        }
-        if (out->tokens_generated >= p->max_tokens) {
-            out->stop_reason = RBEE_STOP_MAX_TOKENS;
-            break;
-        }
-        /* The one place a cancel is noticed between tokens: before paying for a decode. */
-        if (rbee_abort_flag_is_set(p->abort)) {
-            cancelled = true;
-            break;
-        }
-        batch_set(&ctx->batch, 0, token, pos, seq->seq_id, true);
-        ctx->batch.n_tokens = 1;
-        status = context_decode(ctx, &cancelled);
-        if (status != RBEE_STATUS_OK) goto done;
-        pos++;
-        row = 0;
-    }
-    if (cancelled) {
-        out->stop_reason = RBEE_STOP_CANCELLED;
-    } else if (out->stop_reason != RBEE_STOP_SEQUENCE) {
-        /* No stop string can complete any more: what was held back is plain text. */
-        status = emit(&g, seq->text.pending_len);
-    }
-
+    memcpy(seq->tokens, tokens, (size_t) n_prompt * sizeof(llama_token));
+    seq->n_cached = keep;
+    seq->n_prompt = n_prompt;
+    seq->max_tokens = p->max_tokens;
+    seq->has_penalty = p->repeat_penalty != 1.0f;
+    seq->status = RBEE_STATUS_OK;
+    seq->error[0] = '\0';
+    seq->notify_fd = p->notify_fd;
+    seq->notify_pending = false;
+    atomic_store_explicit(&seq->cancel, 0, memory_order_release);
+    memset(&seq->result, 0, sizeof(seq->result));
+    seq->result.prompt_tokens = n_prompt;
+    seq->result.prompt_tokens_cached = keep;
+    seq->t_submit = t_submit;
+    seq->t_prefilled = 0.0;
+    seq->t_first_piece = 0.0;
+    seq->submitted = seq->last_used = ++ctx->clock;
+    seq->state = RBEE_SEQ_PREFILL;
+    *out = seq;
 done:
-    if (t_prefilled > 0.0) {
-        double t_end = rbee_now_ms();
-        out->decode_ms = t_end - t_prefilled;
-        out->tokens_per_sec = out->decode_ms > 0.0 ? out->tokens_generated * 1e3 / out->decode_ms : 0.0;
-        double first = g.t_first_piece > 0.0 ? g.t_first_piece : t_end;
-        out->time_to_first_token_ms = first - g.t_start;
+    free(tokens);
+    return status;
+}
+
+/* Hands the text pending[0..n) out as this step's PIECE event of `seq`. */
+static rbee_status emit(rbee_sequence * seq, size_t n, rbee_event * ev, int32_t * n_ev) {
+    if (n == 0) {
+        return RBEE_STATUS_OK;
+    }
+    rbee_text_stream * ts = &seq->text;
+    if (n > seq->out_cap) {
+        char * grown = realloc(seq->out, n);
+        if (grown == NULL) {
+            return RBEE_STATUS_OUT_OF_MEMORY;
+        }
+        seq->out = grown;
+        seq->out_cap = n;
+    }
+    memcpy(seq->out, ts->pending, n);
+    rbee_text_stream_consume(ts, n);
+    if (seq->t_first_piece == 0.0) {
+        seq->t_first_piece = rbee_now_ms();
+        seq->result.time_to_first_token_ms = seq->t_first_piece - seq->t_submit;
+    }
+    rbee_event * e = &ev[(*n_ev)++];
+    *e = (rbee_event){.kind = RBEE_EVENT_PIECE, .seq_id = seq->seq_id, .seq = seq,
+                      .index = seq->result.pieces_emitted++, .text = seq->out, .len = n};
+    seq->notify_pending = true;
+    return RBEE_STATUS_OK;
+}
+
+/* Ends `seq` with `reason` (or an error status) and writes its FINISHED event. Cancelled or
+ * failed streams give their cells back at once; a finished one keeps them for reuse. */
+static void finish(rbee_sequence * seq, rbee_stop_reason reason, rbee_status status, const char * error,
+                   rbee_event * ev, int32_t * n_ev) {
+    double now = rbee_now_ms();
+    rbee_generation_result * r = &seq->result;
+    if (seq->t_prefilled > 0.0) {
+        r->decode_ms = now - seq->t_prefilled;
+        r->tokens_per_sec = r->decode_ms > 0.0 ? r->tokens_generated * 1e3 / r->decode_ms : 0.0;
+    }
+    if (seq->t_first_piece == 0.0) {
+        r->time_to_first_token_ms = now - seq->t_submit;
+    }
+    r->stop_reason = status == RBEE_STATUS_OK ? reason : RBEE_STOP_NONE;
+    seq->status = status;
+    if (error != NULL) {
+        snprintf(seq->error, sizeof(seq->error), "%s", error);
+    }
+    if (status != RBEE_STATUS_OK || reason == RBEE_STOP_CANCELLED) {
+        rbee_status ignored;
+        seq->n_cached = sequence_trim_memory(seq, 0, &ignored);
+    }
+    seq->state = RBEE_SEQ_FINISHED;
+    seq->last_used = ++seq->ctx->clock;
+    rbee_event * e = &ev[(*n_ev)++];
+    *e = (rbee_event){.kind = RBEE_EVENT_FINISHED, .seq_id = seq->seq_id, .seq = seq};
+    seq->notify_pending = true;
+}
+
+/* After the batch was decoded: sample `seq` from its row, emit, and decide whether it ends. */
+static void sequence_advance(rbee_sequence * seq, rbee_event * ev, int32_t * n_ev) {
+    const struct llama_vocab * vocab = seq->ctx->model->vocab;
+    rbee_generation_result * r = &seq->result;
+    double t_sample = rbee_now_ms();
+    llama_token token;
+    rbee_status status = sequence_sample(seq, seq->row, &token);
+    if (status != RBEE_STATUS_OK) {
+        finish(seq, RBEE_STOP_NONE, status, "sampling failed", ev, n_ev);
+        return;
+    }
+    bool eog = llama_vocab_is_eog(vocab, token);
+    bool stopped = false;
+    size_t emit_len = 0;
+    if (!eog) {
+        r->tokens_generated++;
+        int32_t len = 0;
+        status = sequence_piece(seq, token, &len);
+        if (status == RBEE_STATUS_OK) {
+            status = rbee_text_stream_push(&seq->text, seq->piece, (size_t) len, &emit_len, &stopped);
+        }
+        if (status != RBEE_STATUS_OK) {
+            finish(seq, RBEE_STOP_NONE, status, "detokenizing failed", ev, n_ev);
+            return;
+        }
+    }
+    rbee_stop_reason reason = eog ? RBEE_STOP_EOS
+                              : stopped ? RBEE_STOP_SEQUENCE
+                              : r->tokens_generated >= seq->max_tokens ? RBEE_STOP_MAX_TOKENS
+                              : RBEE_STOP_NONE;
+    if (reason == RBEE_STOP_EOS || reason == RBEE_STOP_MAX_TOKENS) {
+        /* No stop string can complete any more: what was held back is plain text. */
+        emit_len = seq->text.pending_len;
+    }
+    r->sample_ms += rbee_now_ms() - t_sample;
+    status = emit(seq, emit_len, ev, n_ev);
+    if (status != RBEE_STATUS_OK) {
+        finish(seq, RBEE_STOP_NONE, status, "out of memory", ev, n_ev);
+    } else if (reason != RBEE_STOP_NONE) {
+        finish(seq, reason, RBEE_STATUS_OK, NULL, ev, n_ev);
+    } else {
+        seq->next = token;
+        seq->state = RBEE_SEQ_DECODE;
+    }
+}
+
+int32_t rbee_context_step(rbee_context * ctx, rbee_event * ev, int32_t n_events, rbee_status * status_out) {
+    rbee_status dummy;
+    rbee_status * status = status_out != NULL ? status_out : &dummy;
+    *status = RBEE_STATUS_OK;
+    if (ctx == NULL || (ev == NULL && n_events > 0)) {
+        *status = RBEE_STATUS_INVALID_ARGUMENT;
+        return 0;
+    }
+    int32_t n_active = rbee_context_n_active(ctx);
+    if (n_events < 2 * n_active) {
+        return -2 * n_active;
+    }
+    /* The previous step's events have been handled by now: wake their readers. */
+    rbee_context_flush_notify(ctx);
+    int32_t n_ev = 0;
+    if (n_active == 0) {
+        return 0;
+    }
+    bool shutting_down = atomic_load_explicit(&ctx->aborted, memory_order_acquire);
+
+    /* Cancelled streams end here, at the step boundary, before anyone pays for them. */
+    for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        bool active = seq->state == RBEE_SEQ_PREFILL || seq->state == RBEE_SEQ_DECODE;
+        if (active && (shutting_down || atomic_load_explicit(&seq->cancel, memory_order_acquire))) {
+            finish(seq, RBEE_STOP_CANCELLED, RBEE_STATUS_OK, NULL, ev, &n_ev);
+        }
+    }
+
+    /* One token of every decoding sequence, then prompt chunks oldest submit first. */
+    struct llama_batch * batch = &ctx->batch;
+    batch->n_tokens = 0;
+    for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        seq->row = -1;
+        seq->chunk = 0;
+        if (seq->state == RBEE_SEQ_DECODE) {
+            seq->row = batch->n_tokens;
+            batch_set(batch, batch->n_tokens++, seq->next, seq->n_cached, seq->seq_id, true);
+        }
+    }
+    int32_t budget = (int32_t) ctx->n_chunk;
+    while (budget > 0) {
+        rbee_sequence * oldest = NULL;
+        for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+            rbee_sequence * seq = &ctx->sequences[i];
+            if (seq->state == RBEE_SEQ_PREFILL && seq->chunk == 0 && (oldest == NULL || seq->submitted < oldest->submitted)) {
+                oldest = seq;
+            }
+        }
+        if (oldest == NULL) {
+            break;
+        }
+        int32_t left = oldest->n_prompt - oldest->n_cached;
+        int32_t n = left < budget ? left : budget;
+        for (int32_t j = 0; j < n; j++) {
+            int32_t pos = oldest->n_cached + j;
+            bool last = pos == oldest->n_prompt - 1;
+            if (last) {
+                oldest->row = batch->n_tokens;
+            }
+            batch_set(batch, batch->n_tokens++, oldest->tokens[pos], pos, oldest->seq_id, last);
+        }
+        oldest->chunk = n;
+        budget -= n;
+    }
+    if (batch->n_tokens == 0) {
+        return n_ev; /* every active sequence was cancelled */
+    }
+
+    int32_t rc = llama_decode(ctx->lctx, *batch);
+    /* Wait for the computation here so that the figures charge it to decode, not to the
+     * sampler that reads the logits first. */
+    llama_synchronize(ctx->lctx);
+    if (rc != 0) {
+        *status = rc == 1 ? RBEE_STATUS_DECODE_NO_SLOT : rc == 2 ? RBEE_STATUS_OK : RBEE_STATUS_DECODE_FAILED;
+        const char * why = rbee_last_error();
+        char error[256];
+        snprintf(error, sizeof(error), "llama_decode returned %d%s%s", rc, why[0] ? ": " : "", why);
+        for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+            rbee_sequence * seq = &ctx->sequences[i];
+            if (seq->row >= 0 || seq->chunk > 0) {
+                /* rc 2: aborted by rbee_context_abort (shutdown): a cancel, not a fault. */
+                finish(seq, RBEE_STOP_CANCELLED, *status, *status == RBEE_STATUS_OK ? NULL : error, ev, &n_ev);
+            }
+        }
+        return n_ev;
+    }
+
+    double now = rbee_now_ms();
+    for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
+        rbee_sequence * seq = &ctx->sequences[i];
+        if (seq->state == RBEE_SEQ_DECODE && seq->row >= 0) {
+            seq->tokens[seq->n_cached++] = seq->next;
+            sequence_advance(seq, ev, &n_ev);
+        } else if (seq->state == RBEE_SEQ_PREFILL && seq->chunk > 0) {
+            seq->n_cached += seq->chunk;
+            if (seq->n_cached < seq->n_prompt) {
+                rbee_event * e = &ev[n_ev++];
+                *e = (rbee_event){.kind = RBEE_EVENT_PREFILL, .seq_id = seq->seq_id, .seq = seq,
+                                  .index = seq->n_cached, .total = seq->n_prompt};
+                seq->notify_pending = true;
+                continue;
+            }
+            seq->t_prefilled = now;
+            seq->result.prefill_ms = now - seq->t_submit;
+            if (seq->has_penalty && seq->chain != NULL) {
+                /* The repeat penalty looks back over the prompt too, as llama-server does. */
+                for (int32_t j = 0; j < seq->n_prompt; j++) llama_sampler_accept(seq->chain, seq->tokens[j]);
+            }
+            sequence_advance(seq, ev, &n_ev);
+        }
+    }
+    return n_ev;
+}
+
+rbee_status rbee_context_generate(rbee_context * ctx, const rbee_generate_params * p, rbee_abort_flag * abort,
+                                  rbee_token_callback on_token, void * user_data, rbee_generation_result * out) {
+    if (out != NULL) {
+        memset(out, 0, sizeof(*out));
+    }
+    if (ctx == NULL || on_token == NULL || out == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    if (rbee_context_n_active(ctx) > 0) {
+        return RBEE_STATUS_SEQUENCE_BUSY;
+    }
+    rbee_sequence * seq = NULL;
+    rbee_status status = rbee_context_submit(ctx, p, &seq);
+    if (status != RBEE_STATUS_OK) {
+        return status;
+    }
+    int32_t cap = rbee_context_max_events(ctx);
+    rbee_event * ev = malloc((size_t) cap * sizeof(rbee_event));
+    if (ev == NULL) {
+        rbee_sequence_cancel(seq);
+        cap = 0;
+    }
+    bool finished = false;
+    while (!finished) {
+        if (rbee_abort_flag_is_set(abort)) {
+            rbee_sequence_cancel(seq);
+        }
+        rbee_status step_status;
+        rbee_event stack_ev[2];
+        int32_t n = rbee_context_step(ctx, ev != NULL ? ev : stack_ev, ev != NULL ? cap : 2, &step_status);
+        rbee_event * events = ev != NULL ? ev : stack_ev;
+        for (int32_t i = 0; i < n; i++) {
+            if (events[i].kind == RBEE_EVENT_PIECE) {
+                double t0 = rbee_now_ms();
+                int rc = on_token(user_data, events[i].index, events[i].text, events[i].len);
+                seq->result.callback_ms += rbee_now_ms() - t0;
+                if (rc != 0 && status == RBEE_STATUS_OK) {
+                    status = RBEE_STATUS_CALLBACK_FAILED;
+                    rbee_sequence_cancel(seq);
+                }
+            } else if (events[i].kind == RBEE_EVENT_FINISHED) {
+                finished = true;
+            }
+        }
+        if (!finished && (n < 0 || seq->state == RBEE_SEQ_FREE)) {
+            break; /* cannot happen: the events array fits, and an active sequence finishes */
+        }
+    }
+    rbee_context_flush_notify(ctx);
+    *out = seq->result;
+    if (status == RBEE_STATUS_OK) {
+        status = ev == NULL ? RBEE_STATUS_OUT_OF_MEMORY : seq->status;
     }
     if (status != RBEE_STATUS_OK) {
         out->stop_reason = RBEE_STOP_NONE;
     }
-    /* Leave no cells behind, whatever happened: the next request starts clean. */
-    if (out->prompt_tokens > 0 && seq != NULL) {
-        rbee_status cleared = sequence_clear_memory(seq);
-        if (status == RBEE_STATUS_OK) status = cleared;
+    if (seq->state == RBEE_SEQ_FINISHED) {
+        rbee_sequence_release(seq);
     }
-    free(tokens);
+    free(ev);
     return status;
 }

@@ -1,11 +1,12 @@
 /*
  * rbee_internal.h: the handle structs and helpers shared by rbee_core.c (runtime, model,
- * context, sequence lifetime) and rbee_generate.c (the token loop). Not in the cdef.
+ * context, sequence lifetime) and rbee_generate.c (submit, step, the one-shot loop). Not in the cdef.
  */
 #ifndef RBEE_INTERNAL_H
 #define RBEE_INTERNAL_H
 
 #include <stdatomic.h>
+#include <stdint.h>
 
 #include "ggml-backend.h"
 #include "llama.h"
@@ -20,27 +21,56 @@ struct rbee_model {
     ggml_backend_dev_t devices[2];     /* NULL-terminated list handed to llama (must outlive the load) */
 };
 
-struct rbee_context {
-    rbee_model * model;               /* borrowed */
-    struct llama_context * lctx;      /* owned */
-    struct llama_batch batch;         /* owned; n_batch tokens, one seq_id each */
-    bool batch_allocated;
-    uint32_t n_batch;
-    uint32_t n_seq_max;
-    uint32_t n_ctx_seq;
-    rbee_sequence ** sequences;       /* owned array of n_seq_max borrowed pointers */
-    /* The abort flag of the sequence being prefilled, read by llama.cpp between graph
-     * nodes so that a long prompt can be abandoned mid-batch. */
-    _Atomic(rbee_abort_flag *) prefill_abort;
-};
+/* Where a sequence is in its life. */
+typedef enum rbee_seq_state {
+    RBEE_SEQ_FREE = 0,      /* no request; its cells may still hold a cached prefix */
+    RBEE_SEQ_PREFILL = 1,   /* prompt tokens left to evaluate */
+    RBEE_SEQ_DECODE = 2,    /* one sampled token waits to be evaluated each step */
+    RBEE_SEQ_FINISHED = 3   /* ended (FINISHED event sent); waits for rbee_sequence_release */
+} rbee_seq_state;
 
 struct rbee_sequence {
-    rbee_context * ctx;               /* borrowed */
+    rbee_context * ctx;               /* borrowed: the context owns the sequence */
     int32_t seq_id;
+    rbee_seq_state state;
+    atomic_int cancel;                /* set by rbee_sequence_cancel from any thread */
+    uint64_t submitted;               /* submit order: prefill goes oldest first */
+    uint64_t last_used;               /* for picking the least recently used free sequence */
+    /* tokens[0 .. n_cached) have KV cells in the cache for this seq_id (at positions
+     * 0 .. n_cached-1); tokens[n_cached .. n_prompt) are prompt tokens still to evaluate. */
+    llama_token * tokens;             /* owned; n_ctx_seq entries */
+    int32_t n_cached;
+    int32_t n_prompt;
+    llama_token next;                 /* DECODE: the sampled token to evaluate next */
+    int32_t row;                      /* this step: the batch row whose logits are ours, or -1 */
+    int32_t chunk;                    /* this step: prompt tokens of ours in the batch */
+    int32_t max_tokens;
+    bool has_penalty;                 /* the chain has a repeat penalty: it must see the prompt */
     struct llama_sampler * chain;     /* owned; rebuilt per request; NULL on the greedy fast path */
     rbee_text_stream text;            /* owned buffers: UTF-8 carry, stop-string holdback */
     char * piece;                     /* owned scratch for llama_token_to_piece */
     int32_t piece_cap;
+    char * out;                       /* owned: the text of this step's PIECE event */
+    size_t out_cap;
+    int32_t notify_fd;
+    bool notify_pending;
+    rbee_status status;
+    char error[256];
+    rbee_generation_result result;
+    double t_submit, t_prefilled, t_first_piece;
+};
+
+struct rbee_context {
+    rbee_model * model;               /* borrowed */
+    struct llama_context * lctx;      /* owned */
+    struct llama_batch batch;         /* owned; n_chunk + n_seq_max rows */
+    bool batch_allocated;
+    uint32_t n_chunk;
+    uint32_t n_seq_max;
+    uint32_t n_ctx_seq;
+    rbee_sequence * sequences;        /* owned array of n_seq_max */
+    uint64_t clock;                   /* ticks per submit/step: submitted, last_used */
+    atomic_bool aborted;              /* rbee_context_abort: shutdown */
 };
 
 /* Monotonic milliseconds. */

@@ -3,12 +3,14 @@
 - ``GET /v1/health`` (also ``/health``): no token needed.
 - ``GET /v1/detect``: the node's backends and devices (``rbee-hive detect``'s JSON).
 - ``GET /v1/workers`` -> ``{"workers": [{worker_id, url, state, model_ref, backend,
-  device, pid, ctx_size, api_key}]}``. ``api_key`` is an extension: the key the hive
-  minted for the worker, so that the hive's caller (the queen) can call the worker
+  device, pid, ctx_size, slots: {total, busy}, api_key}]}``; ``state`` is ``loading``,
+  ``idle``, ``busy``, ``full`` or ``stopping``. ``api_key`` is an extension: the key the
+  hive minted for the worker, so that the hive's caller (the queen) can call the worker
   directly. Anyone who may call the hive may use its workers.
-- ``POST /v1/workers/spawn {model, backend="cpu", device=0, ctx_size?}`` -> 201
-  ``{worker_id, url, state: "loading", api_key, model_ref, pid, backend, device}``; waits
-  while the model is provisioned (narrated on stdout and into the worker's narration).
+- ``POST /v1/workers/spawn {model, backend="cpu", device=0, ctx_size?, parallel?}`` -> 201
+  ``{worker_id, url, state: "loading", api_key, model_ref, pid, backend, device, ctx_size,
+  slots}``; waits while the model is provisioned (narrated on stdout and into the
+  worker's narration). ``parallel`` defaults to the hive's ``--worker-parallel``.
 - ``POST /v1/workers/ready``: the worker's callback, authenticated by its own key.
 - ``GET /v1/workers/{id}/narration``: SSE of the worker's stdout/stderr since spawn, then
   live, ``[DONE]`` when it exited. ``POST /v1/workers/{id}/shutdown``.

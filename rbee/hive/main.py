@@ -10,7 +10,7 @@ import cyclopts
 import trio
 
 from ..errors import RbeeError
-from .config import HiveConfig, idle_timeout_from_env
+from .config import HiveConfig, idle_timeout_from_env, worker_parallel_from_env
 
 app = cyclopts.App(name="rbee-hive", help="The rbee pool manager of one node: models, preflight, workers.",
                    version_flags=[])
@@ -23,6 +23,7 @@ def daemon(
     port: int = 9200,
     token_file: Path | None = None,
     watch_stdin: bool | None = None,
+    worker_parallel: int | None = None,
 ) -> int:
     """Run the hive until SIGTERM, SIGINT, ``POST /v1/shutdown`` or the end of its stdin.
 
@@ -37,6 +38,9 @@ def daemon(
     watch_stdin
         Shut down when standard input ends. Default: only when stdin is a pipe or socket
         (started by the queen or over SSH); /dev/null or a terminal is not watched.
+    worker_parallel
+        Slots (streams served at once) of a worker whose spawn request has no ``parallel``
+        (default: $RBEE_WORKER_PARALLEL, else 4). Each slot holds up to the worker's ctx_size tokens.
     """
     from .auth import load_token
     from .server import serve, stdin_is_attached
@@ -46,6 +50,7 @@ def daemon(
             host=host, port=port, api_token=load_token(token_file),
             watch_stdin=stdin_is_attached() if watch_stdin is None else watch_stdin,
             handle_signals=True, idle_timeout_s=idle_timeout_from_env(),
+            worker_parallel=worker_parallel_from_env() if worker_parallel is None else worker_parallel,
         )
     except (RbeeError, ValueError) as exc:
         print(f"rbee-hive: {getattr(exc, 'message', exc)}", file=sys.stderr)

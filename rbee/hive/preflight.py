@@ -6,11 +6,13 @@ Three questions, each answered with the numbers when the answer is no:
   detect``) and the device index exists. ``cuda`` on a node without CUDA is a 400 naming
   the node's backends, never a silent CPU fallback.
 - **disk**: the models directory has room for what is left to download.
-- **memory**: RAM (VRAM for ``cuda``) for the weights, the KV cache of the context and the
-  runtime. The KV cache comes from the GGUF header when the file is on disk
-  (layers x tokens x kv heads x (key + value length) x 2 bytes, f16); before a download
-  it is a rough ``FALLBACK_KV_BYTES_PER_TOKEN`` per token, and the check runs again with
-  the header before the worker starts.
+- **memory**: RAM (VRAM for ``cuda``) for the weights, the KV cache and the runtime. A
+  worker serves ``parallel`` streams at once (its slots), each up to ``ctx_size`` tokens,
+  so its KV cache holds ``ctx_size x parallel`` tokens. The KV bytes per token come from
+  the GGUF header when the file is on disk (layers x kv heads x (key + value length) x 2
+  bytes, f16; a slot's tokens capped at the trained context); before a download they are
+  a rough ``FALLBACK_KV_BYTES_PER_TOKEN``, and the check runs again with the header before
+  the worker starts.
 
 Free memory is the kernel's ``MemAvailable``. ``RBEE_MEMORY_LIMIT_BYTES`` caps what the
 hive plans with (to share a node, or to simulate a small one in tests): free is then at
@@ -45,15 +47,27 @@ def human_bytes(n: int | float) -> str:
     return f"{n / MIB:.0f} MiB"
 
 
+def slots_phrase(parallel: int) -> str:
+    """``1 slot`` / ``4 slots``: how narration counts a worker's slots."""
+    return f"{parallel} slot" if parallel == 1 else f"{parallel} slots"
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryNeed:
-    """What a worker with this model and context is planned to use, in bytes."""
+    """What a worker with this model, context and number of slots is planned to use, in bytes."""
 
     weights: int
-    kv_cache: int
+    #: The KV cache of one slot (``ctx_size`` tokens); the worker holds ``parallel`` of them.
+    kv_per_slot: int
     runtime: int
     ctx_size: int
     kv_estimated: bool  # True: no GGUF header yet, the KV figure is the rough fallback
+    parallel: int = 1
+
+    @property
+    def kv_cache(self) -> int:
+        """The whole KV cache: ``ctx_size x parallel`` tokens."""
+        return self.kv_per_slot * self.parallel
 
     @property
     def total(self) -> int:
@@ -61,19 +75,26 @@ class MemoryNeed:
         return self.weights + self.kv_cache + self.runtime
 
     def explain(self) -> str:
-        """``model 0.2 GiB + context of 4096 tokens 72 MiB + runtime 256 MiB``."""
+        """``model 0.2 GiB + context of 4 slots x 4096 tokens 0.3 GiB + runtime 256 MiB``."""
         approx = "~" if self.kv_estimated else ""
         return (
-            f"model {human_bytes(self.weights)} + context of {self.ctx_size} tokens "
+            f"model {human_bytes(self.weights)} + context of {slots_phrase(self.parallel)} x {self.ctx_size} tokens "
             f"{approx}{human_bytes(self.kv_cache)} + runtime {human_bytes(self.runtime)}"
         )
 
 
-def memory_need(model_size: int, ctx_size: int, kv_bytes: int | None) -> MemoryNeed:
-    """The plan for one worker; ``kv_bytes`` from the GGUF header, or None if unknown."""
+def memory_need(model_size: int, ctx_size: int, kv_bytes: int | None, parallel: int = 1) -> MemoryNeed:
+    """The plan for one worker of ``parallel`` slots of ``ctx_size`` tokens each.
+
+    ``kv_bytes``: the KV cache of ONE slot (``ctx_size`` tokens) from the GGUF header, or
+    None if unknown (then ``FALLBACK_KV_BYTES_PER_TOKEN`` per token). The worker's cache
+    holds ``ctx_size x parallel`` tokens, so the plan counts ``parallel`` times that.
+    """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, not {parallel}")
     estimated = kv_bytes is None
     kv = ctx_size * FALLBACK_KV_BYTES_PER_TOKEN if kv_bytes is None else kv_bytes
-    return MemoryNeed(model_size, kv, RUNTIME_OVERHEAD_BYTES, ctx_size, estimated)
+    return MemoryNeed(model_size, kv, RUNTIME_OVERHEAD_BYTES, ctx_size, estimated, parallel)
 
 
 def memory_limit() -> int | None:
@@ -141,16 +162,17 @@ def check_memory(
     hints = []
     for quant, size in sorted(smaller, key=lambda qs: qs[1]):
         if size < need.weights:
-            alt = memory_need(size, need.ctx_size, None if need.kv_estimated else need.kv_cache)
+            alt = memory_need(size, need.ctx_size, None if need.kv_estimated else need.kv_per_slot, need.parallel)
             hints.append(f"a {quant} of this model needs {human_bytes(alt.total)}")
     if hints:
         message += "; " + ", ".join(hints[:3])
     else:
-        message += "; free memory, stop a worker, or use a smaller context (ctx_size)"
+        message += "; free memory, stop a worker, or use a smaller context (ctx_size) or fewer slots (parallel)"
     raise PreflightError(
         message,
         details={"needs_bytes": need.total, "free_bytes": free, "weights_bytes": need.weights,
-                 "kv_cache_bytes": need.kv_cache, "runtime_bytes": need.runtime, "ctx_size": need.ctx_size},
+                 "kv_cache_bytes": need.kv_cache, "runtime_bytes": need.runtime, "ctx_size": need.ctx_size,
+                 "parallel": need.parallel, "kv_cache_tokens": need.ctx_size * need.parallel},
     )
 
 

@@ -5,8 +5,10 @@ anything: the request's fields; backend and device (``preflight.check_backend``)
 model reference; where the file is (``Provisioner.resolve``: catalog, Hub metadata);
 memory with the size known so far; provisioning (download or assembly, narrated on stdout
 and into the new worker's narration log); memory again with the GGUF header's exact KV
-figure; then the process. Two spawns running at once are each checked against the memory
-free at their moment: the second does not yet see the first worker's use.
+figure; then the process. Memory counts the KV cache of ``ctx_size x parallel`` tokens:
+each of the worker's slots may fill its context. Two spawns running at once are each
+checked against the memory free at their moment: the second does not yet see the first
+worker's use.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class SpawnRequest:
     backend: str = "cpu"
     device: int = 0
     ctx_size: int | None = None
+    #: Slots of the worker (streams at once); None: the hive's ``--worker-parallel``.
+    parallel: int | None = None
 
 
 def _field_error(name: str, constraint: str, message: str) -> InvalidRequestError:
@@ -71,7 +75,12 @@ def validate_spawn(body: Any) -> SpawnRequest:
     ctx = body.get("ctx_size")
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= MAX_CTX_SIZE):
         raise _field_error("ctx_size", f"integer 1..{MAX_CTX_SIZE}", "ctx_size is a number of tokens")
-    return SpawnRequest(model=model.strip(), backend=backend.strip().lower(), device=device, ctx_size=ctx)
+    parallel = body.get("parallel")
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise _field_error("parallel", "integer >= 1",
+                           f"parallel is the number of streams the worker serves at once, not {parallel!r}")
+    return SpawnRequest(model=model.strip(), backend=backend.strip().lower(), device=device, ctx_size=ctx,
+                        parallel=parallel)
 
 
 @dataclass
@@ -109,9 +118,10 @@ class HiveState:
         free, source = preflight.free_memory(self.workers.reserved_bytes())
         return free, source, "node"
 
-    def _plan(self, res: Resolution, req: SpawnRequest, device: dict[str, Any], kv: int | None) -> preflight.MemoryNeed:
+    def _plan(self, res: Resolution, req: SpawnRequest, device: dict[str, Any], parallel: int,
+              kv_per_slot: int | None) -> preflight.MemoryNeed:
         ctx = req.ctx_size or DEFAULT_CTX_SIZE
-        need = preflight.memory_need(res.size, ctx, kv)
+        need = preflight.memory_need(res.size, ctx, kv_per_slot, parallel)
         free, source, label = self._device_memory(req.backend, device)
         preflight.check_memory(need, model=res.reference, free=free, source=source,
                                smaller=list(res.alternatives), device_label=label)
@@ -124,23 +134,30 @@ class HiveState:
             raise BusyError("the hive is shutting down; it takes no new workers")
         device = preflight.check_backend(req.backend, req.device, self.node)
         ref = parse_reference(req.model)
+        parallel = req.parallel or self.config.worker_parallel
         worker_id = new_worker_id()
         log = self.workers.open_log(worker_id)
         started = False
         try:
-            log.append(narrate(ACTOR, "spawn_request", f"Preparing worker {worker_id} for {ref.reference} on "
-                               f"{req.backend}:{req.device}", worker_id=worker_id, target=worker_id))
-            res = await self.provisioner.resolve(ref)
             ctx = req.ctx_size or DEFAULT_CTX_SIZE
-            self._plan(res, req, device, await trio.to_thread.run_sync(res.kv_bytes, ctx))
+            log.append(narrate(ACTOR, "spawn_request", f"Preparing worker {worker_id} for {ref.reference} on "
+                               f"{req.backend}:{req.device} with {preflight.slots_phrase(parallel)} of {ctx} tokens",
+                               worker_id=worker_id, target=worker_id, parallel=parallel, ctx_size=ctx))
+            res = await self.provisioner.resolve(ref)
+            # The header's KV figure is per slot (ctx tokens); the plan counts every slot.
+            self._plan(res, req, device, parallel, await trio.to_thread.run_sync(res.kv_bytes, ctx))
             entry = await self.provisioner.ensure(res, listener=log.append)
             exact = await trio.to_thread.run_sync(kv_bytes_at, Path(entry.local_path), ctx)
-            need = self._plan(res, req, device, exact)
+            need = self._plan(res, req, device, parallel, exact)
+            log.append(narrate(ACTOR, "memory_plan", f"Worker {worker_id} is planned to use "
+                               f"{preflight.human_bytes(need.total)} ({need.explain()})", worker_id=worker_id,
+                               target=worker_id, needs_bytes=need.total, kv_cache_bytes=need.kv_cache,
+                               parallel=parallel, ctx_size=ctx))
             if self.closing:
                 raise BusyError("the hive is shutting down; it takes no new workers")
             self.catalog.touch(entry.reference)
             worker = self.workers.spawn(worker_id, entry, backend=req.backend, device=req.device,
-                                        ctx_size=req.ctx_size, planned_bytes=need.total)
+                                        ctx_size=req.ctx_size, parallel=parallel, planned_bytes=need.total)
             started = True
             return worker
         except RbeeError as exc:

@@ -1,11 +1,14 @@
 """The workers of one hive: spawn, watch from birth to exit, stop.
 
 ``WorkerRegistry`` keeps the live workers in memory, each in one of the states
-``loading`` (spawned, model loading) -> ``idle`` (its ready callback came) <-> ``busy``
-(serving; learnt by polling the worker's ``GET /v1/ready``) -> ``stopping``. A worker
-that exits is deregistered at once: its exit is noticed through a pidfd (no polling, no
-2 s window to wait for), narrated on the hive's stdout and into the worker's own
-narration log, whose SSE readers then get ``[DONE]``.
+``loading`` (spawned, model loading) -> ``idle`` (its ready callback came; no slot busy)
+<-> ``busy`` (some of its ``parallel`` slots serve a stream) <-> ``full`` (every slot
+does) -> ``stopping``. How many slots are busy is learnt by polling the worker's ``GET
+/v1/ready`` (``slots_from_ready``, applied by ``note_slots``); the idle timeout counts
+from the moment that number fell to 0 (``idle_seconds``). A worker that exits is
+deregistered at once: its exit is noticed through a pidfd (no polling, no 2 s window to
+wait for), narrated on the hive's stdout and into the worker's own narration log, whose
+SSE readers then get ``[DONE]``.
 
 Everything the worker prints on stdout and stderr goes through the JSON-lines decoder
 line by line into that log: its narration as events, any other line as an event with
@@ -42,12 +45,15 @@ from . import childproc
 from .catalog import CatalogEntry
 from .config import ACTOR, HiveConfig
 from .eventlog import EventLog
+from .preflight import slots_phrase
 
 WORKER_ACTOR = "llm-worker-rbee"
 #: After a worker exited, how long its stdout/stderr readers may still drain the pipes.
 DRAIN_S = 1.0
 #: Worker states reported by ``GET /v1/workers``.
-STATES = ("loading", "idle", "busy", "stopping")
+STATES = ("loading", "idle", "busy", "full", "stopping")
+#: The states of a worker that serves (its model is loaded): the hive polls these.
+SERVING = ("idle", "busy", "full")
 
 
 def free_port(host: str) -> int:
@@ -79,6 +85,32 @@ def new_worker_id() -> str:
     return f"worker-{secrets.token_hex(4)}"
 
 
+def slots_from_ready(body: Any, parallel: int) -> int | None:
+    """How many slots are busy, from a worker's ``GET /v1/ready`` answer.
+
+    The answer is ``{"ready", "state", "slots": {"total", "busy"}}``. None when it says
+    nothing about serving (``loading``, ``error``, not the expected JSON). An answer
+    without ``slots`` is judged by its state: ``idle`` 0, ``busy`` 1, ``full`` every slot.
+    """
+    if not isinstance(body, dict):
+        return None
+    state = body.get("state")
+    if state not in SERVING:
+        return None
+    slots = body.get("slots")
+    busy = slots.get("busy") if isinstance(slots, dict) else None
+    if isinstance(busy, int) and not isinstance(busy, bool) and busy >= 0:
+        return busy
+    return {"idle": 0, "busy": 1, "full": parallel}[state]
+
+
+def slot_state(busy: int, total: int) -> str:
+    """``idle`` (no slot busy), ``full`` (every slot busy) or ``busy`` (in between)."""
+    if busy <= 0:
+        return "idle"
+    return "full" if busy >= total else "busy"
+
+
 @dataclass(eq=False)
 class Worker:
     """One live worker process and what the hive knows about it."""
@@ -89,12 +121,17 @@ class Worker:
     backend: str
     device: int
     ctx_size: int | None
+    #: Slots: streams the worker serves at once (its ``--parallel``).
+    parallel: int
     url: str
     api_key: str
     log: EventLog
     planned_bytes: int
     proc: subprocess.Popen[bytes] | None = None
     state: str = "loading"
+    #: Busy slots, as the worker last answered ``GET /v1/ready`` (0 before its first answer).
+    slots_busy: int = 0
+    #: When ``slots_busy`` last fell to 0 (or the worker became ready): the idle timeout counts from here.
     idle_since: float = 0.0
     exited: trio.Event = field(default_factory=trio.Event)
     returncode: int | None = None
@@ -106,11 +143,33 @@ class Worker:
         assert self.proc is not None
         return self.proc.pid
 
+    def note_slots(self, busy: int, now: float) -> None:
+        """Take the worker's busy slot count: the state follows it, and when the last
+        stream ended (busy fell to 0) the idle time starts again from ``now``."""
+        if self.state not in SERVING:
+            return  # still loading, or stopping: an answer that came too late changes nothing
+        if busy == 0 and self.slots_busy > 0:
+            self.idle_since = now
+        self.slots_busy = busy
+        self.state = slot_state(busy, self.parallel)
+
+    def idle_seconds(self, now: float) -> float | None:
+        """How long no stream has run on the worker; None while one runs (or it does not serve)."""
+        if self.state not in SERVING or self.slots_busy > 0:
+            return None
+        return now - self.idle_since
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """``{"total": parallel, "busy": k}``, as ``GET /v1/workers`` lists it."""
+        return {"total": self.parallel, "busy": self.slots_busy}
+
     def public(self, *, with_key: bool) -> dict[str, Any]:
         """The JSON of ``GET /v1/workers`` (the key only for the hive's parent)."""
         out: dict[str, Any] = {
             "worker_id": self.worker_id, "url": self.url, "state": self.state, "model_ref": self.model_ref,
             "backend": self.backend, "device": self.device, "pid": self.pid, "ctx_size": self.ctx_size,
+            "slots": self.slots,
         }
         if with_key:
             out["api_key"] = self.api_key
@@ -167,20 +226,21 @@ class WorkerRegistry:
                                   target=worker.worker_id, **extra))
 
     def spawn(self, worker_id: str, entry: CatalogEntry, *, backend: str, device: int,
-              ctx_size: int | None, planned_bytes: int) -> Worker:
+              ctx_size: int | None, parallel: int, planned_bytes: int) -> Worker:
         """Start ``llm-worker-rbee`` for ``entry`` (synchronously: see ``childproc``)."""
         host = self.config.worker_host
         port = free_port(host)
         url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         worker = Worker(
             worker_id=worker_id, model_ref=entry.reference, model_path=entry.local_path, backend=backend,
-            device=device, ctx_size=ctx_size, url=f"http://{url_host}:{port}", api_key=secrets.token_urlsafe(32),
+            device=device, ctx_size=ctx_size, parallel=parallel, url=f"http://{url_host}:{port}",
+            api_key=secrets.token_urlsafe(32),
             log=self._logs.get(worker_id) or self.open_log(worker_id), planned_bytes=planned_bytes,
         )
         argv = [
             *self.config.worker_command, "--model", entry.local_path, "--host", host, "--port", str(port),
             "--backend", backend, "--device", str(device), "--worker-id", worker_id,
-            "--callback-url", self.callback_url, "--model-ref", entry.reference,
+            "--callback-url", self.callback_url, "--model-ref", entry.reference, "--parallel", str(parallel),
         ]
         if ctx_size:
             argv += ["--ctx-size", str(ctx_size)]
@@ -197,7 +257,8 @@ class WorkerRegistry:
         childproc.write_pid_file(self.pid_dir, worker_id, worker.pid)
         self._workers[worker_id] = worker
         self._say(worker, "worker_spawn", f"Spawned worker {worker_id} (pid {worker.pid}) for {entry.reference} "
-                  f"on {backend}:{device} at {worker.url}", pid=worker.pid, url=worker.url)
+                  f"on {backend}:{device} at {worker.url} with {slots_phrase(parallel)}",
+                  pid=worker.pid, url=worker.url, parallel=parallel)
         assert worker.proc.stdout is not None and worker.proc.stderr is not None
         streams = []
         for pipe in (worker.proc.stdout, worker.proc.stderr):
@@ -274,25 +335,26 @@ class WorkerRegistry:
             del self._logs[worker_id]
 
     async def _poll_state(self, worker: Worker) -> None:
-        """Learn idle/busy from the worker itself, so the idle timeout counts real idleness."""
+        """Learn the busy slots from the worker itself, so the idle timeout counts real idleness."""
+        while True:
+            await trio.sleep(self.config.state_poll_s)
+            if worker.state in SERVING:
+                await self._poll_once(worker)
+
+    async def _poll_once(self, worker: Worker) -> None:
+        """Ask the worker's ``GET /v1/ready`` how many slots are busy, and take the answer."""
         # No keep-alive: an idle connection of ours would hold the worker's graceful
         # shutdown open until its timeout.
         headers = {"Authorization": f"Bearer {worker.api_key}", "Connection": "close"}
-        while True:
-            await trio.sleep(self.config.state_poll_s)
-            if worker.state not in ("idle", "busy"):
-                continue
-            try:
-                with trio.move_on_after(max(self.config.state_poll_s, 1.0)):
-                    response = await self._http.get(f"{worker.url}/v1/ready", headers=headers)
-                    state = response.json().get("state") if response.status_code == 200 else None
-                    if state == "busy" and worker.state == "idle":
-                        worker.state = "busy"
-                    elif state == "idle" and worker.state == "busy":
-                        worker.state = "idle"
-                        worker.idle_since = trio.current_time()
-            except (httpx.HTTPError, ValueError, AttributeError):
-                pass  # a worker that does not answer is judged by its process, not by HTTP
+        try:
+            with trio.move_on_after(max(self.config.state_poll_s, 1.0)):
+                response = await self._http.get(f"{worker.url}/v1/ready", headers=headers)
+                if response.status_code == 200:
+                    busy = slots_from_ready(response.json(), worker.parallel)
+                    if busy is not None:
+                        worker.note_slots(busy, trio.current_time())
+        except (httpx.HTTPError, ValueError):
+            pass  # a worker that does not answer is judged by its process, not by HTTP
 
     def mark_ready(self, authorization: str | None, body: Any) -> Worker:
         """The worker's ready callback: check its key, move it to idle."""
@@ -356,13 +418,22 @@ class WorkerRegistry:
             await worker.exited.wait()
 
     async def run_idle_timeout(self) -> None:
-        """Stop workers idle for longer than ``idle_timeout_s`` (runs for the hive's life)."""
+        """Stop workers with no stream for ``idle_timeout_s`` (runs for the hive's life).
+
+        Idle time counts from the moment the worker's busy slots fell to 0 (or it became
+        ready), never while a stream runs. Before a worker is stopped it is asked once
+        more, so a stream that began since the last poll keeps it.
+        """
         timeout = self.config.idle_timeout_s
         if timeout <= 0:
             return
         while True:
             await trio.sleep(min(1.0, timeout / 4))
-            now = trio.current_time()
             for worker in self.list():
-                if worker.state == "idle" and now - worker.idle_since >= timeout:
+                idle = worker.idle_seconds(trio.current_time())
+                if idle is None or idle < timeout:
+                    continue
+                await self._poll_once(worker)
+                idle = worker.idle_seconds(trio.current_time())
+                if idle is not None and idle >= timeout:
                     self.request_stop(worker, f"idle for {timeout:g} s (RBEE_WORKER_IDLE_TIMEOUT)")

@@ -17,6 +17,7 @@ from .events import Event as Event
 from .events import Loading as Loading
 from .events import Metrics as Metrics
 from .events import NarrationEvent as NarrationEvent
+from .events import Prefill as Prefill
 from .events import Ready as Ready
 from .events import Started as Started
 from .events import Token as Token

@@ -76,6 +76,8 @@ class Metrics:
     time_to_first_token_ms: float = 0.0
     decode_time_ms: float = 0.0
     tokens_per_sec: float = 0.0
+    #: Of ``prompt_tokens``, those reused from the KV cache (prompt-prefix reuse).
+    prompt_tokens_cached: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,18 @@ class End:
     decode_time_ms: float
     tokens_per_sec: float
     stop_reason: str
+    prompt_tokens_cached: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Progress of a long prompt's evaluation: one per prefill chunk, so that a slow
+    prefill is seen as progress, not as a stall (``tokens_done`` of ``tokens_total``)."""
+
+    type: ClassVar[str] = "prefill"
+
+    tokens_done: int
+    tokens_total: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +156,7 @@ DONE = Done()
 
 #: Every typed event class, by its wire ``type``.
 EVENT_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (NarrationEvent, Started, Token, Metrics, End, Error, Loading, Ready)
+    cls.type: cls for cls in (NarrationEvent, Started, Token, Prefill, Metrics, End, Error, Loading, Ready)
 }
 
-Event = NarrationEvent | Started | Token | Metrics | End | Error | Loading | Ready | UnknownEvent | Done
+Event = NarrationEvent | Started | Token | Prefill | Metrics | End | Error | Loading | Ready | UnknownEvent | Done

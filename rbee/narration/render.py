@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from . import jsonlines
-from .events import DONE, End, Error, Event, Loading, NarrationEvent, Ready, Token, UnknownEvent
+from .events import DONE, End, Error, Event, Loading, NarrationEvent, Prefill, Ready, Token, UnknownEvent
 
 RENDER_MODES = ("human", "cute", "story", "json", "quiet")
 BAR_WIDTH = 10
@@ -105,6 +105,10 @@ class NarrationRenderer:
             return self._render_narration(event)
         if kind is Loading:
             return self._render_loading(event)
+        if kind is Prefill:
+            share = event.tokens_done / event.tokens_total if event.tokens_total > 0 else 0.0
+            return (f"[prefill] ⏳ prompt {progress_bar(share)} "
+                    f"{event.tokens_done}/{event.tokens_total} tokens")
         if kind is Error:
             return f"[error] ❌ {event.code}: {event.message}"
         if kind is End:

@@ -148,7 +148,7 @@ def create_app(state: QueenState) -> QuartTrio:
         workers: list[dict[str, Any]] = []
 
         async def refine(hive: Hive, worker: dict[str, Any]) -> None:
-            if worker.get("state") in ("idle", "busy"):
+            if worker.get("state") in ("idle", "busy", "full"):
                 url = await hive.reach(worker["url"])
                 worker["state"] = await live_worker_state(state.http, url, worker.get("api_key")) or worker["state"]
 

@@ -1,12 +1,14 @@
 """The worker's HTTP routes (quart-trio), exactly those of DESIGN.md's Worker section.
 
 - ``GET /health``: always answers (no auth), also while loading.
-- ``GET /v1/ready``: ``{ready, state: loading|idle|busy|error}``.
+- ``GET /v1/ready``: ``{ready, state: loading|idle|busy|full|error, slots: {total, busy}}``.
 - ``GET /v1/loading/progress``: SSE, ``loading`` events then ``ready`` (or ``error``),
   then ``[DONE]``; once loaded, just ``ready`` and ``[DONE]``.
 - ``POST /v1/inference``: SSE of one generation (see ``rbee.worker.inference``); 400 for a
-  bad body, 503 + ``Retry-After`` while loading (``loading``) or busy (``busy``).
-- ``DELETE /v1/inference/{job_id}``: cancel; 200 whether or not the job runs (idempotent).
+  bad body, 409 when its ``job_id`` already runs here, 503 + ``Retry-After`` while
+  loading (``loading``) or when every slot is busy (``full``).
+- ``DELETE /v1/inference/{job_id}``: cancel that stream alone; 200 whether or not it runs
+  (idempotent).
 - ``POST /v1/shutdown``: 200, then the worker stops (as on SIGTERM).
 
 Every error is the envelope ``{"error": {"code", "message", "details"}}``, never a
@@ -131,7 +133,7 @@ def create_app(state: WorkerState) -> QuartTrio:
 
     @app.get("/v1/ready")
     async def ready() -> Response:
-        """``{ready, state}``."""
+        """``{ready, state, slots}``."""
         return _json(state.ready_body())
 
     @app.get("/v1/loading/progress")
@@ -165,8 +167,8 @@ def create_app(state: WorkerState) -> QuartTrio:
     @app.delete("/v1/inference/<job_id>")
     async def cancel_inference(job_id: str) -> Response:
         """Cancel ``job_id`` if it runs; 200 in any case."""
-        job = state.job
-        cancelled = job is not None and job.job_id == job_id and not job.cancelled
+        job = state.jobs.get(job_id)
+        cancelled = job is not None and not job.cancelled
         if cancelled:
             # Into the job's own stream: its client sees why it ends, and at which token.
             with narration_context(job_id=job_id, sink=job.sink):

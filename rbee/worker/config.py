@@ -22,6 +22,10 @@ SECONDS = 1.0
 #: answers, small enough that the KV cache of a 270M model stays in tens of MB.
 DEFAULT_CTX_SIZE = 4096
 
+#: Streams one worker serves at once (``--parallel``): one copy of the weights, one KV
+#: cache of ``ctx_size × parallel`` cells, continuous batching. 4 like llama-server's auto.
+DEFAULT_PARALLEL = 4
+
 # Exit codes: a parent (the hive) can tell the failures apart without parsing stderr.
 EXIT_OK = 0
 EXIT_USAGE = 2  #: a bad command line (unknown backend, missing option ...)
@@ -57,7 +61,9 @@ class WorkerConfig:
     callback_url: str | None = None
     api_key: str | None = None
     threads: int | None = None
+    #: Tokens ONE stream may hold (prompt + generated); the KV cache holds ctx_size × parallel.
     ctx_size: int = DEFAULT_CTX_SIZE
+    parallel: int = DEFAULT_PARALLEL
     model_ref: str | None = None
     #: How long a graceful shutdown lets open streams finish before cutting them.
     graceful_timeout: float = 2 * SECONDS

@@ -1,14 +1,25 @@
-"""The worker's engine: one loaded GGUF model and the token loop in our C core.
+"""The worker's engine: one loaded GGUF model, one KV cache, many streams.
 
-``Engine`` is the one typed wrapper over ``native/rbee_core.h``: it maps every
-``RBEE_STATUS_*`` to an ``RbeeError`` and frees sequence → context → model in one place
-(``close``). ``Engine.generate`` is blocking; ``open_generation`` runs it from Trio.
+``Engine`` is the blocking core and the one typed wrapper over ``native/rbee_core.h``: it
+maps every ``RBEE_STATUS_*`` to an ``RbeeError`` and frees context → model in one place
+(``close``). Its public API is all the Trio adapter (``engine_trio.py``) uses:
 
-Token delivery (measured in ``benchmarks/bench_worker.py``, described in docs/native.md
-and ``native_stream.py``): the whole prefill + decode loop is one C call on one thread.
-Per piece of text the C loop calls back into Python, which appends the piece to a deque;
-the C loop then wakes the event loop through a pipe, outside the GIL: no per-token round
-trip, the decode thread never waits for the event loop.
+- ``Engine.submit(prompt, params, on_piece=..., on_prefill=..., on_finish=...)`` queues a
+  request and returns its ``Request`` at once; ``Request.cancel()`` (any thread) ends it
+  at the next step. Up to ``n_slots`` requests run together (continuous batching).
+- ``Engine.generate(...)`` runs one request to its end on an otherwise idle engine
+  (blocking; the C one-shot loop: the benchmark's baseline and the simplest use).
+
+The step loop runs on the engine's own long-lived thread (``native_thread.py`` says why
+one thread): while any request is active it calls ``rbee_context_step`` back to back (one
+``llama_decode`` per step, every active stream in it) and hands each event to its
+request's callbacks on that thread; with nothing active the thread sleeps on its job
+queue (no spinning). New requests join at the next step, finished ones leave.
+
+Token delivery stays as cheap as with one stream: a callback only appends to a deque,
+and the C step itself writes each stream's wake-up byte to its pipe (``notify_fd``) at
+the start of the next step, outside the GIL, so the decode thread never waits for the
+event loop (measured in ``benchmarks/bench_worker.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +27,11 @@ from __future__ import annotations
 import math
 import os
 import threading
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-import trio
-
-from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError
-from rbee.narration.events import Token
+from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError, RbeeError
 from rbee.worker.native_lib import TokenSink, c_string, check, native
 from rbee.worker.native_thread import EngineThread
 
@@ -34,7 +41,13 @@ STOP_REASONS = ("none", "max_tokens", "stop_sequence", "eos", "cancelled")
 _REGISTRIES = {"CPU": "cpu", "CUDA": "cuda", "MTL": "metal", "METAL": "metal"}
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: let llama.cpp pick
 _MAX_STOPS = 16
-
+#: Streams one engine serves at once when not told otherwise.
+DEFAULT_SLOTS = 4
+#: Prompt tokens evaluated per step (over all streams in prefill). Measured on 2 cores
+#: with Gemma-3 270M (benchmarks/bench_batching.py): a 256-token chunk takes about as
+#: long as ~20 decode steps, so running streams keep flowing while a long prompt is
+#: evaluated, and the prompt throughput is within a few % of 512-token batches.
+DEFAULT_CHUNK = 256
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -101,6 +114,8 @@ class GenerationResult:
     #: time spent inside ``on_token`` (the cost of token delivery on the decode thread).
     sample_ms: float = 0.0
     callback_ms: float = 0.0
+    #: Of ``prompt_tokens``, those reused from the KV cache instead of being evaluated.
+    prompt_tokens_cached: int = 0
 
 
 def available_backends() -> list[str]:
@@ -177,25 +192,81 @@ def _check_model_file(path: Path) -> None:
         raise ModelLoadError(f"not a GGUF model file (bad magic {magic!r}): {path}", details={"path": str(path)})
 
 
-def _free_handles(sequence: Any, context: Any, model: Any) -> None:
-    """The one place native handles are freed, in the one order (sequence → context →
-    model: nothing outlives what it borrows). NULL handles are fine."""
+def _free_handles(context: Any, model: Any) -> None:
+    """The one place native handles are freed, in the one order (context, with its
+    sequences → model: nothing outlives what it borrows). NULL handles are fine."""
     lib = native().lib
-    lib.rbee_sequence_free(sequence)
     lib.rbee_context_free(context)
     lib.rbee_model_free(model)
 
 
+def _result(out: Any) -> GenerationResult:
+    return GenerationResult(
+        prompt_tokens=out.prompt_tokens, tokens_out=out.pieces_emitted, stop_reason=STOP_REASONS[out.stop_reason],
+        prefill_ms=out.prefill_ms, time_to_first_token_ms=out.time_to_first_token_ms,
+        decode_time_ms=out.decode_ms, tokens_per_sec=out.tokens_per_sec, sample_ms=out.sample_ms,
+        callback_ms=out.callback_ms, prompt_tokens_cached=out.prompt_tokens_cached,
+    )
+
+
+class Request:
+    """One submitted generation. Its callbacks run on the engine thread: ``on_piece(i,
+    text)`` per piece of whole UTF-8 text, ``on_prefill(done, total)`` per prompt chunk
+    while the prompt is still being evaluated, and ``on_finish(result, error)`` once
+    (exactly one of them is None). ``cancel()`` may be called from any thread."""
+
+    __slots__ = ("prompt", "params", "chat", "cache_prompt", "notify_fd", "on_piece", "on_prefill", "on_finish",
+                 "abort", "result", "error", "done", "_seq", "_cancelled", "_lock")
+
+    def __init__(self, prompt: str, params: SamplingParams, *, chat: bool, cache_prompt: bool, notify_fd: int,
+                 on_piece: Callable[[int, str], object] | None, on_prefill: Callable[[int, int], object] | None,
+                 on_finish: Callable[[GenerationResult | None, BaseException | None], object] | None,
+                 abort: AbortFlag | None) -> None:
+        self.prompt, self.params, self.chat, self.cache_prompt = prompt, params, chat, cache_prompt
+        self.notify_fd = notify_fd
+        self.on_piece, self.on_prefill, self.on_finish = on_piece, on_prefill, on_finish
+        self.abort = abort
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._seq: Any = None  # the C sequence while it runs (engine thread only)
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        """End the request at the next step (within one prefill chunk); idempotent."""
+        with self._lock:
+            self._cancelled = True
+            if self._seq is not None:
+                native().lib.rbee_sequence_cancel(self._seq)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled or (self.abort is not None and self.abort.is_set())
+
+    def _attach(self, seq: Any) -> None:  # engine thread
+        with self._lock:
+            self._seq = seq
+            if self._cancelled:
+                native().lib.rbee_sequence_cancel(seq)
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Block until the request ends; its result, or its error raised."""
+        self.done.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class Engine:
-    """One GGUF model loaded on one backend/device, with one context and one sequence.
+    """One GGUF model loaded on one backend/device, with one context of ``n_slots``
+    sequences served together. ``close`` (or leaving ``with``) ends every request and
+    frees context → model, in that order."""
 
-    Serves one generation at a time (a second concurrent one raises ``BusyError``).
-    ``close`` (or leaving ``with``) frees sequence → context → model, in that order.
-    """
-
-    def __init__(self, handles: tuple[Any, Any, Any], thread: EngineThread, *, model_path: Path, backend: str,
+    def __init__(self, handles: tuple[Any, Any], thread: EngineThread, *, model_path: Path, backend: str,
                  device: int, n_threads: int) -> None:
-        self._model, self._context, self._sequence = handles
+        self._model, self._context = handles
         self._thread = thread
         self._model_path, self._backend, self._device, self._n_threads = model_path, backend, device, n_threads
         ffi, lib = native().ffi, native().lib
@@ -204,13 +275,22 @@ class Engine:
         self._n_layers, self._n_params, self._size_bytes = info.n_layers, info.n_params, info.size_bytes
         self._description = c_string(info.description)
         self._n_ctx = lib.rbee_context_n_ctx_seq(self._context)
-        self._busy = threading.Lock()
-        self._current_abort: AbortFlag | None = None
+        self._n_slots = lib.rbee_context_n_seq_max(self._context)
+        self._n_chunk = lib.rbee_context_n_chunk(self._context)
+        self._events = ffi.new("rbee_event[]", lib.rbee_context_max_events(self._context))
+        self._status = ffi.new("rbee_status *")
+        #: Requests submitted and not yet finished (admission counts these).
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._running: dict[int, Request] = {}  # seq_id -> request (engine thread only)
+        self._closed = False
 
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], *, backend: str = "cpu", device: int = 0, n_ctx: int = 4096,
-             n_threads: int | None = None, n_gpu_layers: int = -1) -> Engine:
-        """Load a GGUF (blocking). Fails fast, never falls back to the CPU:
+             n_threads: int | None = None, n_gpu_layers: int = -1, n_slots: int = DEFAULT_SLOTS,
+             n_chunk: int = DEFAULT_CHUNK) -> Engine:
+        """Load a GGUF (blocking). ``n_ctx`` is the tokens ONE stream may hold; the KV cache
+        holds ``n_ctx × n_slots``. Fails fast, never falls back to the CPU:
         ``BackendUnavailableError`` names what is available, ``ModelLoadError`` names the file."""
         path = Path(model_path).expanduser().resolve()
         available = available_backends()
@@ -227,16 +307,16 @@ class Engine:
             )
         _check_model_file(path)
         threads = n_threads if n_threads is not None else _default_threads()
-        if threads < 1 or n_ctx < 16:
-            raise InvalidRequestError(f"need n_threads >= 1 and n_ctx >= 16, got {threads} and {n_ctx}")
+        if threads < 1 or n_ctx < 16 or not 1 <= n_slots <= 256 or n_chunk < 1:
+            raise InvalidRequestError(f"need n_threads >= 1, n_ctx >= 16, 1 <= n_slots <= 256 and n_chunk >= 1, "
+                                      f"got {threads}, {n_ctx}, {n_slots} and {n_chunk}")
         ffi, lib = native().ffi, native().lib
         model_out = ffi.new("rbee_model **")
         context_out = ffi.new("rbee_context **")
-        sequence_out = ffi.new("rbee_sequence **")
         backend_c = ffi.new("char[]", backend.encode())
         mparams = ffi.new("rbee_model_params *", {"backend": backend_c, "device": device, "n_gpu_layers": n_gpu_layers})
         cparams = ffi.new("rbee_context_params *", lib.rbee_context_default_params())
-        cparams.n_ctx, cparams.n_batch, cparams.n_seq_max = n_ctx, min(512, n_ctx), 1
+        cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_chunk = n_ctx, n_slots, min(n_chunk, n_ctx)
         cparams.n_threads = threads
         # Flash attention off: the same kernels llama-cpp-python's default uses, so greedy
         # output matches it token for token.
@@ -247,12 +327,13 @@ class Engine:
                 check(lib.rbee_model_load(str(path).encode(), mparams, model_out), f"cannot load model {path}",
                       details={"path": str(path)})
                 check(lib.rbee_context_create(model_out[0], cparams, context_out), "rbee_context_create")
-                check(lib.rbee_sequence_create(context_out[0], 0, sequence_out), "rbee_sequence_create")
-                return cls((model_out[0], context_out[0], sequence_out[0]), thread, model_path=path,
-                           backend=backend, device=device, n_threads=threads)
+                engine = cls((model_out[0], context_out[0]), thread, model_path=path,
+                             backend=backend, device=device, n_threads=threads)
             except BaseException:
-                _free_handles(sequence_out[0], context_out[0], model_out[0])  # what was made so far
+                _free_handles(context_out[0], model_out[0])  # what was made so far
                 raise
+            thread.set_stepper(engine._step)
+            return engine
 
         thread = EngineThread()
         try:
@@ -264,22 +345,29 @@ class Engine:
     model_path = property(lambda self: self._model_path, doc="Absolute path of the loaded GGUF.")
     backend = property(lambda self: self._backend, doc='"cpu", "cuda" or "metal".')
     device = property(lambda self: self._device, doc="Device index within the backend.")
-    n_ctx = property(lambda self: self._n_ctx, doc="Context length (tokens) of the one sequence.")
+    n_ctx = property(lambda self: self._n_ctx, doc="Tokens one stream may hold (prompt + generated).")
+    n_slots = property(lambda self: self._n_slots, doc="Streams served at once (the context's sequences).")
+    n_chunk = property(lambda self: self._n_chunk, doc="Prompt tokens evaluated per step (chunked prefill).")
     n_layers = property(lambda self: self._n_layers, doc="Transformer layers of the model.")
     n_params = property(lambda self: self._n_params, doc="Parameter count of the model.")
     size_bytes = property(lambda self: self._size_bytes, doc="Bytes of the model's tensors.")
     description = property(lambda self: self._description, doc='llama.cpp\'s, e.g. "gemma3 270M Q4_K - Medium".')
     n_threads = property(lambda self: self._n_threads, doc="CPU threads used for decode and prefill.")
 
-    def _handles(self) -> tuple[Any, Any, Any]:
+    @property
+    def busy_slots(self) -> int:
+        """Requests submitted and not yet finished."""
+        return self._pending
+
+    def _handles(self) -> tuple[Any, Any]:
         if self._model is None:
             raise InvalidRequestError("the engine is closed")
-        return self._model, self._context, self._sequence
+        return self._model, self._context
 
     def count_tokens(self, text: str, *, chat: bool = False) -> int:
         """How many prompt tokens ``text`` becomes (BOS and chat template included)."""
         ffi, lib = native().ffi, native().lib
-        model, _, _ = self._handles()
+        model, _ = self._handles()
         data = text.encode("utf-8")
         n = ffi.new("int32_t *")
         chat_problem = {"field": "chat", "constraint": "a chat template llama.cpp knows",
@@ -289,7 +377,7 @@ class Engine:
         return n[0]
 
     def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
-        """``InvalidRequestError`` unless prompt + ``max_tokens`` fit the context."""
+        """``InvalidRequestError`` unless prompt + ``max_tokens`` fit one stream's context."""
         if prompt_tokens + params.max_tokens > self._n_ctx:
             raise InvalidRequestError(
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
@@ -299,33 +387,18 @@ class Engine:
                                      f"{max(0, self._n_ctx - prompt_tokens)} may be generated"}],
             )
 
-    def _claim(self) -> None:
-        if not self._busy.acquire(blocking=False):
-            raise BusyError("the engine is serving another generation")
-
-    def generate(self, prompt: str, params: SamplingParams, *, on_token: Callable[[int, str], object] | None,
-                 abort: AbortFlag | None = None, chat: bool = False) -> GenerationResult:
-        """Run one generation (blocking). ``on_token(i, text)`` gets every piece of whole
-        UTF-8 text on the generating thread, the engine's own (``None`` discards them);
-        ``abort`` stops the loop before its next decode."""
-        self._claim()
-        try:
-            return self._thread.call(
-                lambda: self._generate_claimed(prompt, params, on_token=on_token, abort=abort, chat=chat))
-        finally:
-            self._busy.release()
-
-    def _generate_claimed(self, prompt: str, params: SamplingParams, *, on_token: Callable[[int, str], object] | None,
-                          abort: AbortFlag | None, chat: bool, notify_fd: int = -1) -> GenerationResult:
+    @staticmethod
+    def _check_request(prompt: str, params: SamplingParams) -> None:
         problems = params.problems()
         if not isinstance(prompt, str):
             problems.append({"field": "prompt", "constraint": "string", "message": "prompt must be a string"})
         if problems:
             raise InvalidRequestError("; ".join(p["message"] for p in problems), details=problems)
+
+    def _generate_params(self, prompt: str, params: SamplingParams, chat: bool, cache_prompt: bool,
+                         notify_fd: int) -> tuple[Any, list[Any]]:
+        """The C request parameters, and the buffers they point into (keep them alive)."""
         ffi, lib = native().ffi, native().lib
-        _, _, sequence = self._handles()
-        abort = abort if abort is not None else AbortFlag()
-        self._current_abort = abort
         data = ffi.new("char[]", prompt.encode("utf-8"))
         stops = [ffi.new("char[]", s.encode("utf-8")) for s in params.stop]
         stop_array = ffi.new("const char *[]", stops) if stops else ffi.NULL
@@ -334,42 +407,189 @@ class Engine:
         gp.max_tokens, gp.temperature, gp.top_p = params.max_tokens, params.temperature, params.top_p
         gp.top_k, gp.min_p, gp.repeat_penalty = params.top_k, params.min_p, params.repeat_penalty
         gp.seed = _RANDOM_SEED if params.seed is None else params.seed
-        gp.stop, gp.n_stop, gp.abort, gp.notify_fd = stop_array, len(stops), abort._ptr, notify_fd
+        gp.stop, gp.n_stop, gp.cache_prompt, gp.notify_fd = stop_array, len(stops), cache_prompt, notify_fd
+        return gp, [data, stops, stop_array]
+
+    def clear_cache(self) -> None:
+        """Forget every cached prompt prefix of the free slots (blocking, on the engine
+        thread). Needed only for bit-exact comparisons: with one unified KV cache, other
+        slots' cells move where a prompt's cells land, and so the order of float sums."""
+        _, context = self._handles()
+        check(self._thread.call(lambda: native().lib.rbee_context_clear_cache(context)), "rbee_context_clear_cache")
+
+    # -- many streams: submit and the step loop -------------------------------------------
+
+    def submit(self, prompt: str, params: SamplingParams, *, chat: bool = False, cache_prompt: bool = True,
+               on_piece: Callable[[int, str], object] | None = None,
+               on_prefill: Callable[[int, int], object] | None = None,
+               on_finish: Callable[[GenerationResult | None, BaseException | None], object] | None = None,
+               notify_fd: int = -1, abort: AbortFlag | None = None) -> Request:
+        """Queue a request; it joins the running streams at the next step.
+
+        Raises at once: ``InvalidRequestError`` for bad params, ``BusyError`` when all
+        ``n_slots`` are taken. ``notify_fd`` (non-blocking, or -1) gets a byte after every
+        step that gave this request an event (see ``rbee_generate_params.notify_fd``)."""
+        self._check_request(prompt, params)
+        request = Request(prompt, params, chat=chat, cache_prompt=cache_prompt, notify_fd=notify_fd,
+                          on_piece=on_piece, on_prefill=on_prefill, on_finish=on_finish, abort=abort)
+        with self._lock:
+            if self._closed:
+                raise InvalidRequestError("the engine is closed")
+            if self._pending >= self._n_slots:
+                raise BusyError(f"all {self._n_slots} slots of the engine are busy")
+            self._pending += 1
+        self._thread.post(lambda: self._start(request))
+        return request
+
+    def _start(self, request: Request) -> None:  # engine thread
+        try:
+            self._start_request(request)
+        except BaseException as exc:  # never let a request's failure end the engine thread
+            self._end(request, None, exc)
+
+    def _start_request(self, request: Request) -> None:  # engine thread
+        ffi, lib = native().ffi, native().lib
+        if request.cancelled or self._context is None:
+            self._end(request, _result(ffi.new("rbee_generation_result *", {"stop_reason": 4})), None)
+            return
+        gp, keep = self._generate_params(request.prompt, request.params, request.chat, request.cache_prompt,
+                                         request.notify_fd)
+        seq_out = ffi.new("rbee_sequence **")
+        status = lib.rbee_context_submit(self._context, gp, seq_out)
+        del keep
+        if status != 0:
+            try:
+                if status == lib.RBEE_STATUS_PROMPT_TOO_LONG:
+                    self.check_fits(self.count_tokens(request.prompt, chat=request.chat), request.params)
+                check(status, "rbee_context_submit")
+            except RbeeError as exc:
+                self._end(request, None, exc)
+            return
+        seq = seq_out[0]
+        self._running[lib.rbee_sequence_id(seq)] = request
+        request._attach(seq)
+
+    def _step(self) -> bool:  # engine thread: one step; True while any stream is active
+        lib = native().lib
+        if not self._running or self._context is None:
+            return False
+        for request in self._running.values():
+            if request.abort is not None and request.abort.is_set():
+                request.cancel()
+        events = self._events
+        n = lib.rbee_context_step(self._context, events, len(events), self._status)
+        for k in range(n):
+            event = events[k]
+            request = self._running.get(event.seq_id)
+            if request is None:
+                continue
+            kind = event.kind
+            if kind == lib.RBEE_EVENT_PIECE:
+                if request.on_piece is not None:
+                    text = native().ffi.unpack(event.text, event.len).decode("utf-8")  # whole UTF-8, by C's word
+                    try:
+                        request.on_piece(event.index, text)
+                    except BaseException as exc:  # the caller's bug: end its request, not the loop
+                        request.error = request.error or exc
+                        request.cancel()
+            elif kind == lib.RBEE_EVENT_PREFILL:
+                if request.on_prefill is not None:
+                    try:
+                        request.on_prefill(event.index, event.total)
+                    except BaseException as exc:
+                        request.error = request.error or exc
+                        request.cancel()
+            elif kind == lib.RBEE_EVENT_FINISHED:
+                self._finish(event.seq_id, event.seq, request)
+        if not self._running:
+            lib.rbee_context_flush_notify(self._context)
+        return bool(self._running)
+
+    def _finish(self, seq_id: int, seq: Any, request: Request) -> None:  # engine thread
+        ffi, lib = native().ffi, native().lib
+        out = ffi.new("rbee_generation_result *")
+        lib.rbee_sequence_get_result(seq, out)
+        status = lib.rbee_sequence_status(seq)
+        error: BaseException | None = request.error
+        if status != 0 and error is None:
+            why = c_string(lib.rbee_sequence_error(seq))
+            error = _native_error(status, why)
+        lib.rbee_sequence_release(seq)
+        del self._running[seq_id]
+        with request._lock:
+            request._seq = None
+        self._end(request, None if error is not None else _result(out), error)
+
+    def _end(self, request: Request, result: GenerationResult | None, error: BaseException | None) -> None:
+        request.result, request.error = result, error
+        with self._lock:
+            self._pending -= 1
+        request.done.set()
+        if request.on_finish is not None:
+            request.on_finish(result, error)
+
+    # -- one stream, blocking ------------------------------------------------------------
+
+    def generate(self, prompt: str, params: SamplingParams, *, on_token: Callable[[int, str], object] | None,
+                 abort: AbortFlag | None = None, chat: bool = False, cache_prompt: bool = True) -> GenerationResult:
+        """Run one generation to its end (blocking) with the C one-shot loop, on the engine
+        thread, while no other request runs (else ``BusyError``). ``on_token(i, text)``
+        gets every piece on the engine thread (``None`` discards them in C: the bare loop);
+        ``abort`` stops it at the next step."""
+        self._check_request(prompt, params)
+        with self._lock:
+            if self._closed:
+                raise InvalidRequestError("the engine is closed")
+            if self._pending:
+                raise BusyError("the engine is serving other streams")
+            self._pending += 1
+        try:
+            return self._thread.call(lambda: self._generate_now(prompt, params, on_token, abort, chat, cache_prompt))
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _generate_now(self, prompt: str, params: SamplingParams, on_token: Callable[[int, str], object] | None,
+                      abort: AbortFlag | None, chat: bool, cache_prompt: bool) -> GenerationResult:
+        ffi, lib = native().ffi, native().lib
+        _, context = self._handles()
+        gp, keep = self._generate_params(prompt, params, chat, cache_prompt, -1)
         # on_token=None runs the bare loop (a C callback that discards): the benchmark's baseline.
         sink = TokenSink(on_token) if on_token is not None else None
         handle = ffi.new_handle(sink) if sink is not None else ffi.NULL  # alive for the whole call
         callback = lib.rbee_py_on_token if sink is not None else lib.rbee_discard_token
         out = ffi.new("rbee_generation_result *")
-        try:
-            status = lib.rbee_sequence_generate(sequence, gp, callback, handle, out)
-        finally:
-            self._current_abort = None
+        status = lib.rbee_context_generate(context, gp, abort._ptr if abort is not None else ffi.NULL,
+                                           callback, handle, out)
+        del keep
         if sink is not None and sink.error is not None:
             raise sink.error
         if lib.RBEE_STATUS_PROMPT_TOO_LONG == status:
-            self.check_fits(out.prompt_tokens, params)
-        check(status, "rbee_sequence_generate")
-        return GenerationResult(
-            prompt_tokens=out.prompt_tokens, tokens_out=out.pieces_emitted, stop_reason=STOP_REASONS[out.stop_reason],
-            prefill_ms=out.prefill_ms, time_to_first_token_ms=out.time_to_first_token_ms,
-            decode_time_ms=out.decode_ms, tokens_per_sec=out.tokens_per_sec, sample_ms=out.sample_ms,
-            callback_ms=out.callback_ms,
-        )
+            self.check_fits(out.prompt_tokens or self.count_tokens(prompt, chat=chat), params)
+        check(status, "rbee_context_generate")
+        return _result(out)
 
     def close(self) -> None:
-        """Free sequence → context → model (idempotent). A running generation is asked
-        to stop and is waited for (within one token) first."""
-        if self._model is None:
-            return
-        if self._current_abort is not None:
-            self._current_abort.set()
-        with self._busy:
-            if self._model is None:  # closed by another thread meanwhile
+        """End every request, then free context → model (idempotent). Running streams
+        stop at once (a running decode is aborted) and get their ``on_finish``."""
+        with self._lock:
+            if self._closed:
                 return
-            sequence, context, model = self._sequence, self._context, self._model
-            self._model = self._context = self._sequence = None
-            self._thread.call(lambda: _free_handles(sequence, context, model))
-            self._thread.stop()
+            self._closed = True
+        lib = native().lib
+        if self._context is not None:
+            lib.rbee_context_abort(self._context)  # any thread: the running decode stops
+
+        def free() -> None:  # engine thread: no step runs meanwhile
+            while self._running:
+                if not self._step():
+                    break
+            context, model = self._context, self._model
+            self._context = self._model = None
+            _free_handles(context, model)
+
+        self._thread.call(free)
+        self._thread.stop()
 
     def __enter__(self) -> Engine:
         return self
@@ -378,4 +598,10 @@ class Engine:
         self.close()
 
 
-from rbee.worker.native_stream import Generation as Generation, open_generation as open_generation  # noqa: E402
+def _native_error(status: int, why: str) -> RbeeError:
+    """The ``RbeeError`` of a sequence that ended with ``status`` (``why``: its own error text)."""
+    try:
+        check(status, "rbee_context_step", why=why)
+    except RbeeError as exc:
+        return exc
+    raise AssertionError("status was OK")

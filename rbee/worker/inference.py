@@ -17,9 +17,11 @@ tokens plus a few narration events), and a slow reader must never stall the deco
 the slot is freed the moment the core is done, not when the client has read everything.
 
 Events of one stream, in order: ``started``, ``narration`` (execute_request, tokenize,
-cache_reset, inference_start), ``token``*, ``narration`` (token_generate every
-``TOKEN_NARRATION_EVERY`` tokens, inference_complete), ``metrics``, ``end``, ``[DONE]``;
-or, on a failure after the stream began, ``error`` then ``[DONE]``.
+inference_start), ``prefill``* (one per prompt chunk while a long prompt is evaluated),
+``token``*, ``narration`` (token_generate every ``TOKEN_NARRATION_EVERY`` tokens,
+inference_complete), ``metrics``, ``end``, ``[DONE]``; or, on a failure after the stream
+began, ``error`` then ``[DONE]``. Several streams run at once, each in its own job task
+with its own ``job_id`` in its narration.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import trio
 
 from ..errors import RbeeError
-from ..narration import DONE, End, Error, Metrics, Started, Token, narration_context, sse
+from ..narration import DONE, End, Error, Metrics, Prefill, Started, Token, narration_context, sse
 from .narrator import Narrator
 from .state import Job, WorkerState
 from .validation import InferenceRequest
@@ -88,7 +90,7 @@ async def run_inference(
     error instead of a stream). Always frees the slot and closes ``send``, last event
     ``DONE``.
     """
-    from .engine import open_generation
+    from .engine_trio import open_generation
 
     say = Narrator(state.config.worker_id)
     engine = state.engine
@@ -112,11 +114,11 @@ async def run_inference(
                 temperature=request.temperature, chat=request.chat)
             say("tokenize", f"Tokenized the prompt: {prompt_tokens} tokens",
                 prompt_tokens=prompt_tokens)
-            say("cache_reset", "Clearing the KV cache for a fresh sequence")
             try:
                 with job.cancel_scope:
                     async with open_generation(
-                        engine, request.prompt, sampling_params(request), chat=request.chat
+                        engine, request.prompt, sampling_params(request), chat=request.chat,
+                        cache_prompt=request.cache_prompt,
                     ) as generation:
                         say("inference_start", f"Generating up to {request.max_tokens} tokens",
                             cute="Thinking hard! 🐝")
@@ -124,6 +126,8 @@ async def run_inference(
                         started = True
                         async for token in generation:
                             _put(send, token)
+                            if type(token) is Prefill:
+                                continue
                             job.tokens_out += 1
                             if job.tokens_out % TOKEN_NARRATION_EVERY == 0:
                                 say("token_generate", f"Generated {job.tokens_out} tokens",
@@ -192,8 +196,10 @@ def _finish(
         decode_time_ms=round(decode_ms, 3),
         tokens_per_sec=round(tokens_per_sec, 3), stop_reason=stop_reason,
         cute="All done! 🍯")
+    cached = int(result.prompt_tokens_cached) if result is not None else 0
     _put(send, Metrics(
         prompt_tokens=int(result.prompt_tokens) if result is not None else prompt_tokens,
+        prompt_tokens_cached=cached,
         tokens_out=sent,
         prefill_ms=float(result.prefill_ms) if result is not None else 0.0,
         time_to_first_token_ms=float(result.time_to_first_token_ms) if result is not None else 0.0,
@@ -201,7 +207,7 @@ def _finish(
         tokens_per_sec=tokens_per_sec,
     ))
     _put(send, End(tokens_out=sent, decode_time_ms=decode_ms,
-                   tokens_per_sec=tokens_per_sec, stop_reason=stop_reason))
+                   tokens_per_sec=tokens_per_sec, stop_reason=stop_reason, prompt_tokens_cached=cached))
 
 
 class SseBody:

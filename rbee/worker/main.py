@@ -23,6 +23,7 @@ from .callback import CallbackError
 from .config import (
     ACTOR,
     DEFAULT_CTX_SIZE,
+    DEFAULT_PARALLEL,
     EXIT_BACKEND_UNAVAILABLE,
     EXIT_CALLBACK_FAILED,
     EXIT_INTERNAL_ERROR,
@@ -59,6 +60,7 @@ def _command(
     host: str = "127.0.0.1",
     threads: int | None = None,
     ctx_size: int = DEFAULT_CTX_SIZE,
+    parallel: int = DEFAULT_PARALLEL,
     model_ref: str | None = None,
 ) -> WorkerConfig:
     """Serve one GGUF model on one device over HTTP/SSE (one rbee worker).
@@ -85,7 +87,10 @@ def _command(
     threads
         CPU threads for prefill and decode (default: every CPU this process may use).
     ctx_size
-        Context size in tokens (prompt plus generated tokens of one request).
+        Context size in tokens of ONE stream (its prompt plus generated tokens); the KV
+        cache holds ctx-size x parallel tokens.
+    parallel
+        Streams served at once from one copy of the model (slots; continuous batching).
     model_ref
         The model reference reported in the callback (default: file:MODELPATH).
     """
@@ -98,6 +103,8 @@ def _command(
         problems.append(f"--threads must be 1 or more, not {threads}")
     if ctx_size < 16:
         problems.append(f"--ctx-size must be 16 or more, not {ctx_size}")
+    if not 1 <= parallel <= 256:
+        problems.append(f"--parallel must be 1..256, not {parallel}")
     if worker_id is not None and not worker_id.strip():
         problems.append("--worker-id must not be empty")
     if problems:
@@ -113,6 +120,7 @@ def _command(
         api_key=api_key or None,
         threads=threads,
         ctx_size=ctx_size,
+        parallel=parallel,
         model_ref=model_ref,
     )
 

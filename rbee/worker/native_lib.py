@@ -62,12 +62,13 @@ def last_native_error() -> str:
     return c_string(native().lib.rbee_last_error())
 
 
-def check(status: int, what: str, **kwargs: Any) -> None:
-    """Raise the ``RbeeError`` for a non-OK status; ``what`` says which call failed."""
+def check(status: int, what: str, *, why: str | None = None, **kwargs: Any) -> None:
+    """Raise the ``RbeeError`` for a non-OK status; ``what`` says which call failed and
+    ``why`` what went wrong (default: the last error llama.cpp logged in this process)."""
     if status == 0:
         return
     name = status_name(status)
-    why = last_native_error()
+    why = last_native_error() if why is None else why
     message = f"{what}: {name}" + (f" ({why})" if why else "")
     raise _ERROR_CLASSES.get(name, NativeError)(message, **kwargs)
 

@@ -23,16 +23,50 @@ T = TypeVar("T")
 
 
 class EngineThread:
-    """A single daemon thread running submitted jobs in order."""
+    """A single daemon thread: runs posted jobs in order and, between them, the stepper.
+
+    The stepper (``Engine._step``) is called again and again while it returns True (some
+    stream is active); then the thread sleeps on its job queue until the next job, so an
+    idle engine costs nothing. While stepping, posted jobs (a new request joining) are
+    picked up between two steps.
+    """
 
     def __init__(self, name: str = "rbee-engine") -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stepper: Callable[[], bool] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
+        active = False
+        while True:
+            try:
+                job = self._jobs.get(block=not active)
+            except queue.Empty:
+                job = _NO_JOB
+            if job is None:
+                return
+            if job is not _NO_JOB:
+                job()
+                # Take every job already waiting before the next step: requests posted
+                # together start in the same step.
+                while True:
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        return
+                    more()
+            active = self._stepper() if self._stepper is not None else False
+
+    def set_stepper(self, stepper: Callable[[], bool]) -> None:
+        """What to call between jobs while it returns True (set once, on the thread)."""
+        self._stepper = stepper
+
+    def post(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the thread before its next step (exceptions are the caller's to catch)."""
+        self._jobs.put(fn)
 
     def submit(self, fn: Callable[[], T], deliver: Callable[[outcome.Outcome[T]], object]) -> None:
         """Run ``fn`` on the thread, then ``deliver(outcome)`` there too (never raises)."""
@@ -58,3 +92,11 @@ class EngineThread:
         self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+
+def _no_job() -> None:
+    pass
+
+
+#: What the loop runs when it polled the queue between steps and found nothing.
+_NO_JOB: Callable[[], None] = _no_job

@@ -3,8 +3,8 @@
 Order (why): the HTTP server comes up first, so that ``/health``, ``/v1/ready`` (state
 ``loading``) and the progress SSE answer while the model loads; then the model loads on
 a thread; then the ready callback goes to the parent; then the worker serves until SIGTERM
-or ``POST /v1/shutdown``. Shutdown: refuse new requests, cancel the running job (the core
-stops within one token, the client gets ``end`` with ``stop_reason: cancelled``), close
+or ``POST /v1/shutdown``. Shutdown: refuse new requests, cancel every running job (the core
+ends them at its next step, each client gets ``end`` with ``stop_reason: cancelled``), close
 the HTTP server (open streams get ``graceful_timeout`` to finish), then free the model.
 The model is freed last because a stream still being written may hold the engine.
 
@@ -159,10 +159,11 @@ async def _run(state: WorkerState, say: Narrator, size: int, signals: AsyncItera
         reason = "the worker failed" if failure is not None else "shutdown requested"
         say("server_shutdown", f"Shutting down ({reason}): stopping the running job and the HTTP server",
             cute="Time to rest! 🐝")
-        job = state.job
-        if job is not None:
+        jobs = list(state.jobs.values())
+        for job in jobs:
             job.cancel()
-            with trio.move_on_after(CANCELLED_JOB_GRACE):
+        with trio.move_on_after(CANCELLED_JOB_GRACE):
+            for job in jobs:
                 await job.done.wait()
         nursery.cancel_scope.cancel()
     if failure is not None:
@@ -182,12 +183,13 @@ async def _load_model(state: WorkerState, say: Narrator, size: int) -> None:
     say("device_init", f"Using backend {config.backend} device {config.device} with {threads} threads",
         backend=config.backend, device=config.device, threads=threads)
     path = Path(config.model_path)
-    say("model_load", f"Loading {path.name} ({size / 1e6:.0f} MB, context {config.ctx_size})",
-        target=str(path), phase="start", bytes_total=size)
+    say("model_load", f"Loading {path.name} ({size / 1e6:.0f} MB, context {config.ctx_size} "
+        f"x {config.parallel} slots)", target=str(path), phase="start", bytes_total=size,
+        parallel=config.parallel)
     state.set_progress(Loading(stage="loading", bytes_done=0, bytes_total=size))
     started = time.monotonic()
     load = functools.partial(Engine.load, path, backend=config.backend, device=config.device,
-                             n_ctx=config.ctx_size, n_threads=threads)
+                             n_ctx=config.ctx_size, n_threads=threads, n_slots=config.parallel)
     try:
         # The load cannot be interrupted inside llama.cpp; a SIGTERM during it abandons the
         # thread (it touches nothing shared) and the process exits.
@@ -203,8 +205,9 @@ async def _load_model(state: WorkerState, say: Narrator, size: int) -> None:
                                bytes_done=size, bytes_total=size))
     state.set_loaded(engine)
     say("model_load", f"Loaded {engine.description} in {duration_ms:.0f} ms: {layers} layers, "
-        f"{engine.size_bytes / 1e6:.0f} MB, context {engine.n_ctx}", target=str(path), phase="done",
-        duration_ms=duration_ms, size_bytes=engine.size_bytes, n_layers=layers, n_ctx=engine.n_ctx,
+        f"{engine.size_bytes / 1e6:.0f} MB, context {engine.n_ctx}, {engine.n_slots} slots", target=str(path),
+        phase="done", duration_ms=duration_ms, size_bytes=engine.size_bytes, n_layers=layers, n_ctx=engine.n_ctx,
+        parallel=engine.n_slots,
         cute="Brain loaded! 🧠")
 
 

@@ -1,14 +1,14 @@
 """The live state of one worker, shared by its routes and its lifecycle.
 
 ``WorkerState`` answers three questions: what phase the worker is in (``loading``,
-``idle``/``busy``, ``error``), how far the model load has got (for the progress SSE),
-and which inference job holds the one slot.
+``idle``/``busy``/``full``, ``error``), how far the model load has got (for the progress
+SSE), and which inference jobs hold its slots.
 
-One slot: the native core runs one sequence at a time today, so a second request while
-one is running is answered ``503 busy`` with ``Retry-After`` (as llama-server does with
-one slot) instead of being queued: the queen, which sees every worker, is the place to
-queue and to pick another worker. Everything here runs on the Trio thread, so
-check-and-reserve needs no lock.
+Slots: the engine serves ``--parallel`` streams at once (continuous batching). ``idle``
+means no slot is busy, ``busy`` some, ``full`` all; only a ``full`` worker answers a new
+request with ``503 full`` and ``Retry-After`` instead of queueing it: the queen, which sees
+every worker, is the place to queue and to pick another worker. Everything here runs on
+the Trio thread, so check-and-reserve needs no lock.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ class LoadingError(RbeeError):
     http_status = 503
 
 
+class JobExistsError(RbeeError):
+    """A request reused the ``job_id`` of a stream that still runs here."""
+
+    code = "job_exists"
+    http_status = 409
+
+
 class WorkerFailedError(RbeeError):
     """A request came after the model failed to load (the worker is about to exit)."""
 
@@ -48,7 +55,7 @@ class WorkerFailedError(RbeeError):
 
 @dataclass(eq=False)
 class Job:
-    """The inference job holding the slot: cancel it with ``cancel()``."""
+    """An inference job holding a slot: cancel it with ``cancel()``."""
 
     job_id: str
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -59,7 +66,7 @@ class Job:
     sink: Callable[[Any], None] | None = None
 
     def cancel(self) -> None:
-        """Ask the job to stop; the core aborts before its next token. Idempotent."""
+        """Ask the job to stop; the core ends it at its next step. Idempotent."""
         self.cancel_scope.cancel()
 
     @property
@@ -69,16 +76,17 @@ class Job:
 
 
 class WorkerState:
-    """Phase, load progress, engine and job slot of this worker."""
+    """Phase, load progress, engine and job slots of this worker."""
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.phase = "loading"  # loading | idle | error; "busy" is idle with a job
+        self.phase = "loading"  # loading | idle | error; busy/full are idle with jobs
         self.engine: Engine | None = None
         self.failure: RbeeError | None = None
         self.url: str | None = None
         self.progress = Loading(stage="starting")
-        self.job: Job | None = None
+        #: The jobs holding a slot, by job id (at most ``config.parallel``).
+        self.jobs: dict[str, Job] = {}
         self.stopping = False
         self.shutdown_requested = trio.Event()
         #: Where inference jobs run; set by ``serve`` before the first request can come.
@@ -88,10 +96,18 @@ class WorkerState:
     # -- phase and progress ------------------------------------------------------------
 
     @property
+    def slots_total(self) -> int:
+        return self.config.parallel
+
+    @property
+    def slots_busy(self) -> int:
+        return len(self.jobs)
+
+    @property
     def state(self) -> str:
-        """What `/v1/ready` reports: ``loading``, ``idle``, ``busy`` or ``error``."""
-        if self.phase == "idle" and self.job is not None:
-            return "busy"
+        """What `/v1/ready` reports: ``loading``, ``idle``, ``busy``, ``full`` or ``error``."""
+        if self.phase == "idle" and self.jobs:
+            return "full" if len(self.jobs) >= self.slots_total else "busy"
         return self.phase
 
     @property
@@ -101,7 +117,8 @@ class WorkerState:
 
     def ready_body(self) -> dict[str, Any]:
         """The JSON body of `GET /v1/ready`."""
-        body: dict[str, Any] = {"ready": self.ready, "state": self.state}
+        body: dict[str, Any] = {"ready": self.ready, "state": self.state,
+                                "slots": {"total": self.slots_total, "busy": self.slots_busy}}
         if self.failure is not None:
             body["error"] = {"code": self.failure.code, "message": self.failure.message}
         return body
@@ -136,7 +153,7 @@ class WorkerState:
         self.stopping = True
         self._notify()
 
-    # -- the job slot ------------------------------------------------------------------
+    # -- the job slots -------------------------------------------------------------------
 
     def check_can_serve(self) -> None:
         """Raise the error a request gets now if the worker cannot take one at all."""
@@ -149,30 +166,40 @@ class WorkerState:
             raise WorkerFailedError(message)
 
     async def reserve(self, job_id: str) -> Job:
-        """Take the slot for ``job_id``, or raise ``BusyError``.
+        """Take a slot for ``job_id``, or raise ``BusyError`` (``full``, or the id runs).
 
-        A job that was already cancelled is waited for (it ends within one token): a
-        client that cancels and asks again at once is served, not turned away.
+        When every slot is taken but some job was already cancelled, that job is waited
+        for (it ends at its next step): a client that cancels and asks again at once is
+        served, not turned away.
         """
-        current = self.job
-        if current is not None and current.cancelled:
-            with trio.move_on_after(CANCELLED_JOB_GRACE):
-                await current.done.wait()
+        if job_id in self.jobs:
+            raise JobExistsError(f"job {job_id} is already running on this worker; use another job_id",
+                                 details={"job_id": job_id})
+        if len(self.jobs) >= self.slots_total:
+            ending = [job for job in self.jobs.values() if job.cancelled]
+            if ending:
+                with trio.move_on_after(CANCELLED_JOB_GRACE):
+                    await ending[0].done.wait()
         self.check_can_serve()
-        if self.job is not None:
+        if job_id in self.jobs:
+            raise JobExistsError(f"job {job_id} is already running on this worker; use another job_id",
+                                 details={"job_id": job_id})
+        if len(self.jobs) >= self.slots_total:
             raise BusyError(
-                f"the worker is busy with job {self.job.job_id}; retry in "
+                f"all {self.slots_total} slots of this worker are busy; retry in "
                 f"{RETRY_AFTER_SECONDS} s or use another worker",
-                details={"job_id": self.job.job_id, "retry_after": RETRY_AFTER_SECONDS},
+                code="full",
+                details={"slots": {"total": self.slots_total, "busy": len(self.jobs)},
+                         "retry_after": RETRY_AFTER_SECONDS},
             )
         job = Job(job_id)
-        self.job = job
+        self.jobs[job_id] = job
         self._notify()
         return job
 
     def release(self, job: Job) -> None:
         """Free the slot ``job`` held (a no-op if it no longer holds it)."""
         job.done.set()
-        if self.job is job:
-            self.job = None
+        if self.jobs.get(job.job_id) is job:
+            del self.jobs[job.job_id]
             self._notify()

@@ -13,7 +13,7 @@ Rules (the why of the less obvious ones):
 - Unknown fields are ignored, so that a newer client can talk to an older worker.
 - An optional field that is absent or ``null`` takes llama.cpp's default (temperature
   0.8, top_p 0.95, top_k 40, min_p 0.05, repeat_penalty 1.0, random seed); ``max_tokens``
-  defaults to 256. Integer fields take JSON integers only (``7.0`` is rejected).
+  defaults to 256; ``cache_prompt`` (prompt-prefix reuse) defaults to true. Integer fields take JSON integers only (``7.0`` is rejected).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class InferenceRequest:
     seed: int | None
     stop: tuple[str, ...]
     chat: bool
+    #: Reuse the longest cached prefix of the prompt (llama-server's ``cache_prompt``).
+    cache_prompt: bool = True
 
 
 def _reject_constant(name: str) -> Any:
@@ -197,11 +199,8 @@ def parse_inference_request(body: bytes, *, n_ctx: int) -> InferenceRequest:
 
     stop = _check_stop(c, obj.get("stop"))
 
-    chat = obj.get("chat", False)
-    if chat is None:
-        chat = False
-    elif not isinstance(chat, bool):
-        c.fail("chat", "type:boolean", f"chat must be true or false, not {_json_type(chat)}")
+    chat = _check_bool(c, obj, "chat", False)
+    cache_prompt = _check_bool(c, obj, "cache_prompt", True)
 
     if c.details:
         raise InvalidRequestError(_summary(c.details), details=c.details)
@@ -217,7 +216,18 @@ def parse_inference_request(body: bytes, *, n_ctx: int) -> InferenceRequest:
         seed=seed,
         stop=stop,
         chat=chat,
+        cache_prompt=cache_prompt,
     )
+
+
+def _check_bool(c: _Checker, obj: dict[str, Any], name: str, default: bool) -> bool:
+    value = obj.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        c.fail(name, "type:boolean", f"{name} must be true or false, not {_json_type(value)}")
+        return default
+    return value
 
 
 def _check_stop(c: _Checker, stop: Any) -> tuple[str, ...]:

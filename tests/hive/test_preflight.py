@@ -43,6 +43,46 @@ def test_memory_need_adds_weights_context_and_runtime() -> None:
     assert "~" in rough.explain() and "~" not in need.explain()
 
 
+def test_the_kv_cache_grows_with_parallel() -> None:
+    # The header's figure is one slot's cache (ctx_size tokens); the worker holds parallel of them.
+    one = preflight.memory_need(1_000_000, 4096, 2_000_000)
+    assert one.parallel == 1 and one.kv_cache == 2_000_000
+    four = preflight.memory_need(1_000_000, 4096, 2_000_000, parallel=4)
+    assert four.kv_per_slot == 2_000_000 and four.kv_cache == 8_000_000
+    assert four.total == one.total + 3 * 2_000_000
+    assert "context of 1 slot x 4096 tokens" in one.explain()
+    assert "context of 4 slots x 4096 tokens 8 MiB" in four.explain()
+    # Before the header is known: the rough figure per token, for ctx_size x parallel tokens.
+    rough = preflight.memory_need(1_000_000, 1000, None, parallel=3)
+    assert rough.kv_cache == 3 * 1000 * preflight.FALLBACK_KV_BYTES_PER_TOKEN and rough.kv_estimated
+    totals = [preflight.memory_need(1_000_000, 4096, 2_000_000, parallel=n).total for n in (1, 2, 3, 8)]
+    assert totals == sorted(totals) and len(set(totals)) == 4
+    with pytest.raises(ValueError):
+        preflight.memory_need(1_000_000, 4096, None, parallel=0)
+
+
+def test_the_memory_message_counts_every_slot(tmp_path: Path) -> None:
+    # Per slot the header's KV figure is capped at the trained context (2048 here); then x parallel.
+    meta = read_gguf_metadata(write_small_gguf(tmp_path / "m.gguf", tensor_bytes=1024))
+    per_slot = kv_cache_bytes(meta, 100_000)
+    assert per_slot == kv_cache_bytes(meta, 2048)
+    need = preflight.memory_need(int(1.4 * GIB), 100_000, per_slot, parallel=4)
+    assert need.kv_cache == 4 * per_slot
+    big = preflight.memory_need(int(1.4 * GIB), 4096, int(0.22 * GIB), parallel=4)
+    with pytest.raises(PreflightError) as caught:
+        preflight.check_memory(big, model="hf:org/m/m-Q8_0.gguf", free=int(2.0 * GIB), source="available RAM",
+                               smaller=[("Q4_K_M", int(0.45 * GIB))])
+    message, details = caught.value.message, caught.value.details
+    assert "needs 2.5 GiB (model 1.4 GiB + context of 4 slots x 4096 tokens 0.9 GiB + runtime 0.2 GiB)" in message
+    # The smaller quant is planned with the same slots: 0.45 + 0.88 + 0.25 GiB.
+    assert "a Q4_K_M of this model needs 1.6 GiB" in message
+    assert details["parallel"] == 4 and details["kv_cache_bytes"] == int(0.22 * GIB) * 4
+    assert details["kv_cache_tokens"] == 4 * 4096 and details["ctx_size"] == 4096
+    # The same model with one slot fits.
+    preflight.check_memory(preflight.memory_need(int(1.4 * GIB), 4096, int(0.22 * GIB)), model="m",
+                           free=int(2.0 * GIB), source="available RAM")
+
+
 def test_memory_message_has_the_numbers_and_a_smaller_quant() -> None:
     need = preflight.memory_need(int(1.4 * GIB), 4096, int(0.25 * GIB))
     with pytest.raises(PreflightError) as caught:

@@ -30,6 +30,9 @@ def test_spawn_embedded_model_on_cpu(rbee_home: Path) -> None:
         assert spawned["state"] == "loading"
         assert spawned["url"].startswith("http://127.0.0.1:")
         assert spawned["api_key"] and spawned["model_ref"] == "gemma3-270m"
+        assert spawned["slots"] == {"total": 4, "busy": 0}  # the hive's default --worker-parallel
+        cmdline = Path(f"/proc/{spawned['pid']}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"--parallel") + 1] == b"4"
         worker_id = spawned["worker_id"]
         assert (rbee_home / "workers" / f"{worker_id}.pid").is_file()
 
@@ -37,15 +40,18 @@ def test_spawn_embedded_model_on_cpu(rbee_home: Path) -> None:
         events = hive.sse(f"/v1/workers/{worker_id}/narration",
                           until=lambda e: isinstance(e, NarrationEvent) and e.action == "worker_ready")
         actions = _actions(events)
-        order = ["spawn_request", "model_assemble", "model_ready", "worker_spawn", "startup", "server_bind",
-                 "model_load", "worker_ready"]
+        order = ["spawn_request", "model_assemble", "model_ready", "memory_plan", "worker_spawn", "startup",
+                 "server_bind", "model_load", "worker_ready"]
         positions = [actions.index(a) for a in order]
         assert positions == sorted(positions), actions
+        plan = next(e for e in events if isinstance(e, NarrationEvent) and e.action == "memory_plan")
+        assert plan.extra["parallel"] == 4 and "context of 4 slots x 4096 tokens" in plan.human
         worker_events = [e for e in events if isinstance(e, NarrationEvent) and e.actor == "llm-worker-rbee"]
         assert worker_events and all(e.worker_id == worker_id for e in worker_events)
 
         listed = hive.wait_state(worker_id, "idle", 30)
         assert listed["pid"] == spawned["pid"] and listed["model_ref"] == "gemma3-270m"
+        assert listed["slots"] == {"total": 4, "busy": 0}
         models = hive.http.get("/v1/models").json()["models"]
         assert [m["reference"] for m in models] == ["gemma3-270m"]
         model = models[0]
@@ -104,15 +110,23 @@ def test_cuda_on_a_cpu_node_is_a_4xx_naming_the_backends(rbee_home: Path) -> Non
 def test_not_enough_memory_is_a_4xx_with_the_numbers(rbee_home: Path) -> None:
     limit = 300 * 1024 * 1024
     with running_hive(env={"RBEE_MEMORY_LIMIT_BYTES": str(limit)}) as hive:
-        answer = hive.spawn()
+        answer = hive.spawn(parallel=1)
         assert answer.status_code == 409, answer.text
         error = answer.json()["error"]
         assert error["code"] == "preflight_failed"
         message = error["message"]
         assert "needs 0.6 GiB" in message and "node has 0.3 GiB free" in message, message
+        assert "context of 1 slot x 4096 tokens" in message
         assert "RBEE_MEMORY_LIMIT_BYTES" in message
         assert error["details"]["free_bytes"] == limit
         assert error["details"]["needs_bytes"] > limit
+        # The default 4 slots: the KV cache holds 4 x 4096 tokens, four times the figure.
+        four = hive.spawn().json()["error"]
+        assert four["details"]["parallel"] == 4 and four["details"]["kv_cache_tokens"] == 4 * 4096
+        one_kv = error["details"]["kv_cache_bytes"]
+        assert four["details"]["kv_cache_bytes"] == 4 * one_kv
+        assert four["details"]["needs_bytes"] == error["details"]["needs_bytes"] + 3 * one_kv
+        assert "context of 4 slots x 4096 tokens" in four["message"]
         assert hive.workers() == []
 
 

@@ -16,6 +16,7 @@ from rbee.narration.events import (
     Error,
     Loading,
     Metrics,
+    Prefill,
     NarrationEvent,
     Ready,
     Started,
@@ -108,6 +109,7 @@ events = st.one_of(
     narration_events,
     st.builds(Started, job_id=opt_text, worker_id=opt_text, model=opt_text, ts_ms=opt_ints),
     st.builds(Token, t=text, i=ints),
+    st.builds(Prefill, tokens_done=ints, tokens_total=ints),
     st.builds(Metrics, ints, ints, floats, floats, floats, floats),
     st.builds(
         End, tokens_out=ints, decode_time_ms=floats, tokens_per_sec=floats, stop_reason=text

@@ -14,6 +14,7 @@ PUBLIC = {
     "Started": "events",
     "Token": "events",
     "Metrics": "events",
+    "Prefill": "events",
     "End": "events",
     "Error": "events",
     "Loading": "events",

@@ -31,7 +31,7 @@ def test_encode_table():
     assert sse.encode(Token("a", 0)) == b"event: token\ndata: " + TOKEN_JSON + b"\n\n"
     assert sse.encode(End(3, 1.5, 2.0, "eos")) == (
         b'event: end\ndata: {"type":"end","tokens_out":3,"decode_time_ms":1.5,'
-        b'"tokens_per_sec":2.0,"stop_reason":"eos"}\n\n'
+        b'"tokens_per_sec":2.0,"stop_reason":"eos","prompt_tokens_cached":0}\n\n'
     )
     assert sse.encode(NarrationEvent("w", "x", human="a\nb\r")) == (
         b'event: narration\ndata: {"type":"narration","actor":"w","action":"x","target":"",'

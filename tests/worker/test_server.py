@@ -28,13 +28,15 @@ from tests.worker.workers import (
 
 pytestmark = pytest.mark.model
 
-REQUEST_ACTIONS = ["execute_request", "tokenize", "cache_reset", "inference_start"]
+REQUEST_ACTIONS = ["execute_request", "tokenize", "inference_start"]
+#: Two slots: enough to see idle, busy and full without a long test.
+SLOTS = 2
 
 
 @pytest.fixture(scope="module")
 def worker(embedded_model) -> Iterator[tuple[RbeeProcess, str]]:
     """One worker for the module: (process, base URL)."""
-    proc = start_worker(embedded_model, worker_id="w-server")
+    proc = start_worker(embedded_model, "--parallel", str(SLOTS), worker_id="w-server")
     try:
         url = proc.bound_url()
         assert wait_ready(url)["ready"]
@@ -57,7 +59,7 @@ def test_health_and_ready_answer_idle(url):
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "worker_id": "w-server", "state": "idle"}
     ready = httpx.get(f"{url}/v1/ready", timeout=HTTP_TIMEOUT)
-    assert ready.json() == {"ready": True, "state": "idle"}
+    assert ready.json() == {"ready": True, "state": "idle", "slots": {"total": SLOTS, "busy": 0}}
 
 
 def test_loading_progress_once_loaded_is_ready_then_done(url):
@@ -97,9 +99,9 @@ def test_stream_order_and_content_for_max_tokens(worker, url):
     actions = [n.action for n in narration]
     assert actions == REQUEST_ACTIONS + ["token_generate", "inference_complete"]
     first_token = events.index(tokens[0])
-    assert all(events.index(n) < first_token for n in narration[:4])
+    assert all(events.index(n) < first_token for n in narration[:3])
     assert narration[1].extra["prompt_tokens"] == metrics.prompt_tokens > 4
-    assert narration[4].extra["tokens_out"] == 32
+    assert narration[3].extra["tokens_out"] == 32
     complete = narration[-1]
     assert complete.extra["tokens_out"] == 33 and complete.extra["stop_reason"] == "max_tokens"
     assert "tok/s" in complete.human
@@ -140,28 +142,44 @@ def _read_until_tokens(chunks: Iterator[bytes], decoder: sse.Decoder, n: int, ev
         events += decoder.feed(next(chunks))
 
 
-def test_busy_answer_then_cancel_by_delete_stops_within_one_token(url):
-    decoder, events = sse.Decoder(), []
-    with httpx.Client(timeout=HTTP_TIMEOUT) as client:
-        with client.stream("POST", f"{url}/v1/inference",
-                           json=greedy(COUNTING_PROMPT, 400, job_id="job-long")) as response:
-            assert response.status_code == 200
-            chunks = response.iter_bytes()
-            _read_until_tokens(chunks, decoder, 3, events)
+def _open(client: httpx.Client, url: str, job_id: str, stack) -> tuple[Iterator[bytes], sse.Decoder, list]:
+    """Start a 400-token stream and read until its third token; (chunks, decoder, events)."""
+    response = stack.enter_context(client.stream("POST", f"{url}/v1/inference",
+                                                 json=greedy(COUNTING_PROMPT, 400, job_id=job_id)))
+    assert response.status_code == 200
+    chunks, decoder, events = response.iter_bytes(), sse.Decoder(), []
+    _read_until_tokens(chunks, decoder, 3, events)
+    return chunks, decoder, events
 
-            busy = httpx.post(f"{url}/v1/inference", json=greedy("Hello", 4), timeout=HTTP_TIMEOUT)
-            assert busy.status_code == 503
-            assert busy.headers["retry-after"] == "1"
-            error = busy.json()["error"]
-            assert error["code"] == "busy" and "job-long" in error["message"]
-            assert httpx.get(f"{url}/v1/ready", timeout=HTTP_TIMEOUT).json() == {"ready": True, "state": "busy"}
 
-            sent = time.monotonic()
-            cancel = httpx.delete(f"{url}/v1/inference/job-long", timeout=HTTP_TIMEOUT)
-            assert cancel.status_code == 200 and cancel.json() == {"job_id": "job-long", "cancelled": True}
-            for chunk in chunks:
-                events += decoder.feed(chunk)
-            took = time.monotonic() - sent
+def test_busy_then_full_answer_then_cancel_by_delete_stops_within_one_step(url):
+    from contextlib import ExitStack
+
+    def ready() -> dict:
+        return httpx.get(f"{url}/v1/ready", timeout=HTTP_TIMEOUT).json()
+
+    with httpx.Client(timeout=HTTP_TIMEOUT) as client, ExitStack() as stack:
+        chunks, decoder, events = _open(client, url, "job-long", stack)
+        assert ready() == {"ready": True, "state": "busy", "slots": {"total": SLOTS, "busy": 1}}
+        other_chunks, other_decoder, other_events = _open(client, url, "job-other", stack)
+        assert ready() == {"ready": True, "state": "full", "slots": {"total": SLOTS, "busy": 2}}
+
+        full = httpx.post(f"{url}/v1/inference", json=greedy("Hello", 4), timeout=HTTP_TIMEOUT)
+        assert full.status_code == 503
+        assert full.headers["retry-after"] == "1"
+        error = full.json()["error"]
+        assert error["code"] == "full" and f"all {SLOTS} slots" in error["message"]
+        again = httpx.post(f"{url}/v1/inference", json=greedy("Hello", 4, job_id="job-other"), timeout=HTTP_TIMEOUT)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "job_exists"
+
+        sent = time.monotonic()
+        cancel = httpx.delete(f"{url}/v1/inference/job-long", timeout=HTTP_TIMEOUT)
+        assert cancel.status_code == 200 and cancel.json() == {"job_id": "job-long", "cancelled": True}
+        for chunk in chunks:
+            events += decoder.feed(chunk)
+        took = time.monotonic() - sent
+        # The other stream runs on; cancel it too, by disconnecting.
+        _read_until_tokens(other_chunks, other_decoder, len(other_events) + 2, other_events)
     assert events[-1] is DONE and events[-2].type == "end"
     end = events[-2]
     assert end.stop_reason == "cancelled"
@@ -171,10 +189,11 @@ def test_busy_answer_then_cancel_by_delete_stops_within_one_token(url):
     by_action = {e.action: e for e in events if e.type == "narration"}
     at_cancel = by_action["cancel_request"].extra["tokens_out"]
     # Nothing reaches the stream after the cancel; the core itself decodes at most one
-    # more token (the one in flight when the flag was set).
+    # more step for it (the one in flight when the cancel came).
     assert end.tokens_out == at_cancel
     assert by_action["inference_complete"].extra["tokens_generated"] <= at_cancel + 1
     assert took < 5.0
+    assert wait_state(url, "idle", seconds=3.0) < 2.0
     # The next request is served at once.
     assert infer(url, greedy("Hello", 2)).end.tokens_out == 2
 

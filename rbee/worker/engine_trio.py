@@ -1,16 +1,14 @@
-"""Running the engine's blocking token loop from Trio: ``open_generation``.
-
-Import it from ``rbee.worker.engine`` (which re-exports it); it lives apart only to keep
-modules small.
+"""The engine seen from Trio: ``open_generation``, built only on ``Engine``'s public API.
 
 How a token reaches Trio (measured in benchmarks/bench_worker.py, see docs/native.md):
 
-* The whole prefill + decode loop is one C call on the engine's own long-lived thread
-  (``native_thread.py`` says why not a Trio worker thread: OpenMP pools).
-* Per piece, the C loop calls a cffi callback that only appends ``Token(t, i)`` to a
-  ``deque``: no lock, no syscall, so it never releases the GIL.
-* Then the C loop, outside the GIL, writes one byte to a pipe; ``Generation.__anext__``
-  waits for that pipe with ``trio.lowlevel.wait_readable`` and drains the deque.
+* The step loop runs on the engine's own long-lived thread (``native_thread.py`` says why
+  not a Trio worker thread: OpenMP pools). Every step advances every stream at once.
+* Per piece, the engine calls this generation's ``on_piece``, which only appends
+  ``Token(t, i)`` to a ``deque``: no lock, no syscall, so it never releases the GIL.
+* At the start of the next step, the C step, outside the GIL, writes one byte to this
+  generation's pipe (``notify_fd``); ``Generation.__anext__`` waits for that pipe with
+  ``trio.lowlevel.wait_readable`` and drains the deque.
 
 Why not ``TrioToken.run_sync_soon`` per token (the first design): it writes to Trio's
 wake-up socket from Python, and that syscall releases the GIL; the woken event loop takes
@@ -18,12 +16,12 @@ the GIL and the decode thread waits until the loop has handled the token: a per-
 round trip of about 200 µs here, on the decode thread's critical path. The pipe write from
 C costs a few µs and lets the decode thread go on at once.
 
-The thread's end is posted with ``run_sync_soon`` (once) after its last append, so every
+The request's end is posted with ``run_sync_soon`` (once) after its last append, so every
 token is in the deque before the generation is marked finished. Without a nursery, the
 caller's own exceptions leave ``async with`` unwrapped (no ExceptionGroup). Leaving the
-block early, or a cancellation, sets the abort flag and waits, shielded, for the loop to
-stop (within one token): the loop owns the KV cache until it returns, so it is never
-abandoned (the equivalent of ``abandon_on_cancel=False``).
+block early, or a cancellation, cancels the request and waits, shielded, for the engine to
+say it ended (at the next step boundary, within one prefill chunk): the engine owns the
+sequence until then, so it is never abandoned (as ``abandon_on_cancel=False``).
 """
 
 from __future__ import annotations
@@ -31,26 +29,24 @@ from __future__ import annotations
 import collections
 import os
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
-import outcome
 import trio
 
 from rbee.errors import InvalidRequestError
-from rbee.narration.events import Token
-
-if TYPE_CHECKING:
-    from rbee.worker.engine import Engine, GenerationResult, SamplingParams
+from rbee.narration.events import Prefill, Token
+from rbee.worker.engine import Engine, GenerationResult, SamplingParams
 
 
 class Generation:
-    """One generation seen from Trio: async-iterate for ``Token(t, i)`` events; once the
-    iteration ends, ``result`` holds the ``GenerationResult``. An error of the loop is
+    """One generation seen from Trio: async-iterate for ``Token(t, i)`` events (and
+    ``Prefill(tokens_done, tokens_total)`` while a long prompt is evaluated); once the
+    iteration ends, ``result`` holds the ``GenerationResult``. An error of the request is
     raised by the iteration (or, if nobody iterated to the end, when the block exits)."""
 
     def __init__(self, wakeup_fd: int) -> None:
         self.result: GenerationResult | None = None
-        self._tokens: collections.deque[Token] = collections.deque()
+        self._events: collections.deque[Token | Prefill] = collections.deque()
         self._wakeup_fd = wakeup_fd
         self._finished = False
         self._error: BaseException | None = None
@@ -59,9 +55,9 @@ class Generation:
     def __aiter__(self) -> Generation:
         return self
 
-    async def __anext__(self) -> Token:
+    async def __anext__(self) -> Token | Prefill:
         waited = False
-        while not self._tokens:
+        while not self._events:
             if self._finished:
                 if self._error is not None and not self._error_raised:
                     self._error_raised = True
@@ -72,7 +68,7 @@ class Generation:
             waited = True
         if not waited:
             await trio.lowlevel.checkpoint()  # every await is a checkpoint, as in Trio itself
-        return self._tokens.popleft()
+        return self._events.popleft()
 
 
 def _drain(fd: int) -> None:
@@ -85,62 +81,50 @@ def _drain(fd: int) -> None:
 
 
 @asynccontextmanager
-async def open_generation(engine: Engine, prompt: str, params: SamplingParams, *,
-                          chat: bool = False) -> AsyncIterator[Generation]:
-    """Start a generation on ``engine`` and yield its ``Generation``.
+async def open_generation(engine: Engine, prompt: str, params: SamplingParams, *, chat: bool = False,
+                          cache_prompt: bool = True) -> AsyncIterator[Generation]:
+    """Submit a generation to ``engine`` and yield its ``Generation``.
 
-    Raises at once (before any thread starts): ``InvalidRequestError`` for bad params or a
-    prompt that does not fit the context, ``BusyError`` if the engine is already generating.
+    Raises at once (before anything runs): ``InvalidRequestError`` for bad params or a
+    prompt that does not fit one stream's context, ``BusyError`` when every slot is taken.
     """
-    from rbee.worker.engine import AbortFlag
-
     problems = params.problems()
     if problems:
         raise InvalidRequestError("; ".join(p["message"] for p in problems), details=problems)
-    engine._claim()
-    claimed = True
     read_fd, write_fd = os.pipe()
+    submitted = False
     try:
         os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)  # the C loop must never block on a full pipe
+        os.set_blocking(write_fd, False)  # the C step must never block on a full pipe
         # Tokenizing is quick but not free for a long prompt: keep it off the event loop.
         n_prompt = await trio.to_thread.run_sync(lambda: engine.count_tokens(prompt, chat=chat))
         engine.check_fits(n_prompt, params)
-        abort = AbortFlag()
         generation = Generation(read_fd)
         trio_token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
-        append = generation._tokens.append
+        events = generation._events
 
-        def work() -> GenerationResult:  # generating thread
-            try:
-                return engine._generate_claimed(prompt, params, on_token=lambda i, t: append(Token(t=t, i=i)),
-                                                abort=abort, chat=chat, notify_fd=write_fd)
-            finally:
-                # Released here, not in `finish`: an Engine.close() blocking the Trio thread
-                # must be able to get the engine once the loop has stopped.
-                engine._busy.release()
-
-        def finish(result: outcome.Outcome[GenerationResult]) -> None:  # Trio thread
-            try:
-                generation.result = result.unwrap()
-            except BaseException as exc:
-                generation._error = exc
+        def finish(result: GenerationResult | None, error: BaseException | None) -> None:  # Trio thread
+            generation.result, generation._error = result, error
             generation._finished = True
             os.write(write_fd, b"\0")  # wake a reader waiting for more tokens
             finished.set()
 
-        engine._thread.submit(work, lambda result: trio_token.run_sync_soon(finish, result))
-        claimed = False  # from here `work` releases the engine
+        request = engine.submit(
+            prompt, params, chat=chat, cache_prompt=cache_prompt, notify_fd=write_fd,
+            on_piece=lambda i, t: events.append(Token(t=t, i=i)),
+            on_prefill=lambda done, total: events.append(Prefill(tokens_done=done, tokens_total=total)),
+            on_finish=lambda result, error: trio_token.run_sync_soon(finish, result, error),
+        )
+        submitted = True
     finally:
-        if claimed:
-            engine._busy.release()
+        if not submitted:
             os.close(read_fd)
             os.close(write_fd)
     try:
         yield generation
     finally:
-        abort.set()
+        request.cancel()
         with trio.CancelScope(shield=True):
             await finished.wait()
         os.close(read_fd)
