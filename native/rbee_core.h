@@ -200,7 +200,8 @@ rbee_generate_params rbee_generate_default_params(void);
 /* Puts a request on a free sequence: tokenizes it (as rbee_model_count_tokens counts),
  * checks that prompt + max_tokens fit n_ctx_seq, copies the stop strings, builds the
  * sampler and picks the free sequence whose cached tokens share the longest prefix with
- * the prompt (with cache_prompt; else the least recently used one). The shared cells are
+ * the prompt (with cache_prompt; among equals, and without it, the one caching least, then
+ * the lowest seq_id). The shared cells are
  * kept, the rest of that sequence's cells removed; at least the last prompt token is
  * always evaluated again. The request runs from the next step on.
  * On RBEE_STATUS_OK *out is that sequence (owned by the context); on an error no sequence

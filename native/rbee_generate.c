@@ -193,9 +193,9 @@ static rbee_sequence * pick_sequence(rbee_context * ctx, const llama_token * tok
                 common++;
             }
         }
-        /* The longest shared prefix; among equals the least recently used sequence, so that
-         * a cache someone may come back to survives longest. */
-        if (common > best_common || (common == best_common && seq->last_used < best->last_used)) {
+        /* The longest shared prefix; among equals the one caching least, so that a cache
+         * someone may come back to survives longest (then the lowest seq_id). */
+        if (common > best_common || (common == best_common && seq->n_cached < best->n_cached)) {
             best = seq;
             best_common = common;
         }
@@ -260,7 +260,7 @@ rbee_status rbee_context_submit(rbee_context * ctx, const rbee_generate_params *
     seq->t_submit = t_submit;
     seq->t_prefilled = 0.0;
     seq->t_first_piece = 0.0;
-    seq->submitted = seq->last_used = ++ctx->clock;
+    seq->submitted = ++ctx->clock;
     seq->state = RBEE_SEQ_PREFILL;
     *out = seq;
 done:
@@ -318,7 +318,6 @@ static void finish(rbee_sequence * seq, rbee_stop_reason reason, rbee_status sta
         seq->n_cached = sequence_trim_memory(seq, 0, &ignored);
     }
     seq->state = RBEE_SEQ_FINISHED;
-    seq->last_used = ++seq->ctx->clock;
     rbee_event * e = &ev[(*n_ev)++];
     *e = (rbee_event){.kind = RBEE_EVENT_FINISHED, .seq_id = seq->seq_id, .seq = seq};
     seq->notify_pending = true;

@@ -35,7 +35,6 @@ struct rbee_sequence {
     rbee_seq_state state;
     atomic_int cancel;                /* set by rbee_sequence_cancel from any thread */
     uint64_t submitted;               /* submit order: prefill goes oldest first */
-    uint64_t last_used;               /* for picking the least recently used free sequence */
     /* tokens[0 .. n_cached) have KV cells in the cache for this seq_id (at positions
      * 0 .. n_cached-1); tokens[n_cached .. n_prompt) are prompt tokens still to evaluate. */
     llama_token * tokens;             /* owned; n_ctx_seq entries */
@@ -69,7 +68,7 @@ struct rbee_context {
     uint32_t n_seq_max;
     uint32_t n_ctx_seq;
     rbee_sequence * sequences;        /* owned array of n_seq_max */
-    uint64_t clock;                   /* ticks per submit/step: submitted, last_used */
+    uint64_t clock;                   /* ticks per submit: submitted */
     atomic_bool aborted;              /* rbee_context_abort: shutdown */
 };
 

@@ -22,12 +22,11 @@ from rbee.hive.gguf_header import kv_cache_bytes, read_gguf_metadata
 from rbee.narration import DONE, sse
 from rbee.worker.engine import DEFAULT_CHUNK
 from tests.processes import RbeeProcess, wait_gone
-from tests.worker.workers import HTTP_TIMEOUT, start_worker, wait_ready
+from tests.worker.workers import CTX_SIZE, HTTP_TIMEOUT, start_worker, wait_ready
 
 pytestmark = pytest.mark.model
 
 SLOTS = 8
-CTX = 512
 #: Where each counting prompt starts; the prompt holds six numbers.
 STARTS = [11, 23, 37, 48, 52, 66, 74, 85]
 
@@ -188,7 +187,7 @@ def test_cancelling_one_of_eight_frees_its_slot_and_touches_no_other(worker) -> 
 
 
 def test_running_streams_keep_flowing_while_a_long_prompt_is_prefilled(embedded_model: Path) -> None:
-    proc = start_worker(embedded_model, "--parallel", "5", "--ctx-size", "4096", worker_id="w-long")
+    proc = start_worker(embedded_model, "--parallel", "5", worker_id="w-long", ctx_size=4096)
     try:
         url = proc.bound_url()
         assert wait_ready(url)["ready"]
@@ -283,7 +282,7 @@ def test_one_copy_of_the_weights_for_eight_streams(worker, embedded_model: Path)
 
     one = trio.run(run_streams, 1)
     eight = trio.run(run_streams, SLOTS)
-    kv = kv_cache_bytes(read_gguf_metadata(embedded_model), CTX * SLOTS)
+    kv = kv_cache_bytes(read_gguf_metadata(embedded_model), CTX_SIZE * SLOTS)
     assert kv is not None and kv > 0
     assert eight <= one + kv, (one, eight, kv)
 

@@ -144,7 +144,7 @@ def test_http_answers_while_loading_then_progress_ends_with_ready(embedded_model
                 decoder, events = sse.Decoder(), []
                 for chunk in response.iter_bytes():
                     events += decoder.feed(chunk)
-        assert ready == {"ready": False, "state": "loading"}
+        assert ready == {"ready": False, "state": "loading", "slots": {"total": 4, "busy": 0}}
         assert early.status_code == 503 and early.headers["retry-after"] == "1"
         assert early.json()["error"]["code"] == "loading"
         assert events[0].type == "loading" and events[0].bytes_total == embedded_model.stat().st_size

@@ -18,7 +18,9 @@ from rbee.narration import sse
 from tests.processes import RbeeProcess, program
 
 #: Small and fixed so tests are quick and two threads leave a core to the test itself.
-WORKER_ARGS = ["--threads", "2", "--ctx-size", "512"]
+WORKER_ARGS = ["--threads", "2"]
+#: Tokens of one stream unless a test needs more (the KV cache holds this × --parallel).
+CTX_SIZE = 512
 #: A raw prompt after which Gemma-3 270M, greedy, writes "}\n" and then end-of-text.
 EOS_PROMPT = "#include <stdio.h>\nint main(void) {\n    return 0;\n"
 #: A raw prompt that, greedy, counts on: " 5, 6, 7, 8, 9, ..."
@@ -26,9 +28,11 @@ COUNTING_PROMPT = "1, 2, 3, 4,"
 HTTP_TIMEOUT = httpx.Timeout(60.0)
 
 
-def start_worker(model: Path, *args: str, worker_id: str = "w-test", env: dict[str, str] | None = None) -> RbeeProcess:
+def start_worker(model: Path, *args: str, worker_id: str = "w-test", env: dict[str, str] | None = None,
+                 ctx_size: int = CTX_SIZE) -> RbeeProcess:
     """Start `llm-worker-rbee` on port 0 serving ``model``."""
-    argv = [program("llm-worker-rbee"), "--model", str(model), "--worker-id", worker_id, *WORKER_ARGS, *args]
+    argv = [program("llm-worker-rbee"), "--model", str(model), "--worker-id", worker_id, *WORKER_ARGS,
+            "--ctx-size", str(ctx_size), *args]
     return RbeeProcess(argv, env=env)
 
 
