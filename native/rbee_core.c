@@ -492,15 +492,16 @@ rbee_status rbee_context_create(rbee_model * model, const rbee_context_params * 
     cp.n_batch = n_batch;
     cp.n_ubatch = n_batch;
     cp.n_seq_max = params->n_seq_max;
-    /* One unified KV buffer: a mixed batch (sequences at different positions, any seq_ids)
-     * goes through as one ubatch. Per-sequence streams (kv_unified = false) would let a
-     * token attend only to its own cells, but llama.cpp then cuts a batch into "equal
-     * splits" of consecutive seq_ids, several graph computations a step. Measured here
-     * (2 cores, Gemma-3 270M, 8 streams): unified 51-53 tok/s, per-sequence 48-49, even with
-     * two 1,500-token prompts cached in idle slots (whose cells every token then attends
-     * to, masked). Each sequence's share is enforced by submit (prompt + max_tokens <=
-     * n_ctx_seq). */
-    cp.kv_unified = true;
+    /* One KV stream per sequence (kv_unified = false), as llama.h advises when sequences
+     * do not share a long prefix: a token attends only to its own sequence's cells. With
+     * one unified buffer every token attends (masked) to every cell that any slot holds,
+     * so prompts cached in idle slots for reuse slow every stream: measured here with
+     * benchmarks/bench_batching.py, one stream fell from 34 to 13 tok/s once ~3,000- and
+     * ~1,000-token prompts sat cached in idle slots. The price of streams: llama.cpp cuts
+     * a batch into "equal splits" of consecutive seq_ids (at 8 fresh streams 48-49 tok/s
+     * against 51-53 unified), so submit keeps running sequences packed at the low ids.
+     * Each stream holds n_ctx_seq cells of its own. */
+    cp.kv_unified = false;
     /* swa_full stays as llama.cpp's default (true): a sliding-window model (Gemma 3) keeps
      * every cell, which is what lets a later request reuse a cached prefix. */
     cp.n_threads = params->n_threads;

@@ -161,10 +161,8 @@ int32_t rbee_context_n_active(const rbee_context * ctx);
 /* Sequences free for a submit. */
 int32_t rbee_context_n_free(const rbee_context * ctx);
 
-/* Forgets the cached prompt prefix of every free sequence (their KV cells are removed).
- * With a unified cache, other sequences' cells change where a new prompt's cells land and
- * so the order of float sums in attention: a near-tie can flip. On an empty cache a
- * request with cache_prompt = false computes exactly what a fresh llama.cpp context does. */
+/* Forgets the cached prompt prefix of every free sequence (their KV cells are removed):
+ * memory back, and a known-empty cache for comparisons with a fresh llama.cpp context. */
 rbee_status rbee_context_clear_cache(rbee_context * ctx);
 
 /* Any thread: make a running llama_decode return at its next graph node and fail every

@@ -412,8 +412,7 @@ class Engine:
 
     def clear_cache(self) -> None:
         """Forget every cached prompt prefix of the free slots (blocking, on the engine
-        thread). Needed only for bit-exact comparisons: with one unified KV cache, other
-        slots' cells move where a prompt's cells land, and so the order of float sums."""
+        thread): their memory back, and a known-empty cache for bit-exact comparisons."""
         _, context = self._handles()
         check(self._thread.call(lambda: native().lib.rbee_context_clear_cache(context)), "rbee_context_clear_cache")
 

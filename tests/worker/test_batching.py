@@ -22,7 +22,7 @@ from rbee.hive.gguf_header import kv_cache_bytes, read_gguf_metadata
 from rbee.narration import DONE, sse
 from rbee.worker.engine import DEFAULT_CHUNK
 from tests.processes import RbeeProcess, wait_gone
-from tests.worker.workers import CTX_SIZE, HTTP_TIMEOUT, start_worker, wait_ready
+from tests.worker.workers import CTX_SIZE, HTTP_TIMEOUT, running_worker, start_worker, wait_ready
 
 pytestmark = pytest.mark.model
 
@@ -41,14 +41,8 @@ def greedy(prompt: str, max_tokens: int, job_id: str, **extra: Any) -> dict[str,
 
 @pytest.fixture(scope="module")
 def worker(embedded_model: Path) -> Iterator[tuple[RbeeProcess, str]]:
-    proc = start_worker(embedded_model, "--parallel", str(SLOTS), worker_id="w-batch")
-    try:
-        url = proc.bound_url()
-        assert wait_ready(url)["ready"]
-        yield proc, url
-    finally:
-        assert proc.stop() == 0
-    assert wait_gone([proc.pid], 5.0) == []
+    with running_worker(embedded_model, "--parallel", str(SLOTS), worker_id="w-batch") as running:
+        yield running
 
 
 class Reader:
@@ -187,10 +181,7 @@ def test_cancelling_one_of_eight_frees_its_slot_and_touches_no_other(worker) -> 
 
 
 def test_running_streams_keep_flowing_while_a_long_prompt_is_prefilled(embedded_model: Path) -> None:
-    proc = start_worker(embedded_model, "--parallel", "5", worker_id="w-long", ctx_size=4096)
-    try:
-        url = proc.bound_url()
-        assert wait_ready(url)["ready"]
+    with running_worker(embedded_model, "--parallel", "5", worker_id="w-long", ctx_size=4096) as (_, url):
         long_prompt = "The history of the world is long and full of stories. " * 270  # ~3,000 tokens
         n_prompt = 0
 
@@ -225,9 +216,6 @@ def test_running_streams_keep_flowing_while_a_long_prompt_is_prefilled(embedded_
         for reader in running:
             assert reader.tokens_between(sent, first) >= chunks - 1, (reader.tokens_between(sent, first), chunks)
             _check_complete(reader)
-    finally:
-        assert proc.stop() == 0
-    assert wait_gone([proc.pid], 5.0) == []
 
 
 def test_a_shared_prefix_is_reused_unless_the_request_says_no(worker) -> None:

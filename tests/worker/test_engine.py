@@ -74,7 +74,7 @@ def run(engine: Engine, prompt: str, params: SamplingParams = GREEDY,
         **kwargs) -> tuple[list[tuple[int, str]], GenerationResult]:
     pieces: list[tuple[int, str]] = []
     # Exact-equality runs evaluate the whole prompt on an empty cache, as a fresh
-    # llama.cpp context does (other slots' cached cells would move where ours land).
+    # llama.cpp context does.
     kwargs.setdefault("cache_prompt", False)
     if not kwargs["cache_prompt"]:
         engine.clear_cache()

@@ -20,8 +20,7 @@ from tests.worker.workers import (
     HTTP_TIMEOUT,
     infer,
     read_stream,
-    start_worker,
-    wait_ready,
+    running_worker,
     wait_for_job_event,
     wait_state,
 )
@@ -36,13 +35,8 @@ SLOTS = 2
 @pytest.fixture(scope="module")
 def worker(embedded_model) -> Iterator[tuple[RbeeProcess, str]]:
     """One worker for the module: (process, base URL)."""
-    proc = start_worker(embedded_model, "--parallel", str(SLOTS), worker_id="w-server")
-    try:
-        url = proc.bound_url()
-        assert wait_ready(url)["ready"]
-        yield proc, url
-    finally:
-        assert proc.stop() == 0
+    with running_worker(embedded_model, "--parallel", str(SLOTS), worker_id="w-server") as running:
+        yield running
 
 
 @pytest.fixture

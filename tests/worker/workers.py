@@ -7,15 +7,16 @@ decoder, so what the tests see is what any client sees.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
 from rbee.narration import sse
-from tests.processes import RbeeProcess, program
+from tests.processes import RbeeProcess, program, wait_gone
 
 #: Small and fixed so tests are quick and two threads leave a core to the test itself.
 WORKER_ARGS = ["--threads", "2"]
@@ -34,6 +35,19 @@ def start_worker(model: Path, *args: str, worker_id: str = "w-test", env: dict[s
     argv = [program("llm-worker-rbee"), "--model", str(model), "--worker-id", worker_id, *WORKER_ARGS,
             "--ctx-size", str(ctx_size), *args]
     return RbeeProcess(argv, env=env)
+
+
+@contextlib.contextmanager
+def running_worker(model: Path, *args: str, worker_id: str, ctx_size: int = CTX_SIZE) -> Iterator[tuple[RbeeProcess, str]]:
+    """A loaded worker for the block: (process, base URL); stopped (exit 0) and gone after."""
+    proc = start_worker(model, *args, worker_id=worker_id, ctx_size=ctx_size)
+    try:
+        url = proc.bound_url()
+        assert wait_ready(url)["ready"]
+        yield proc, url
+    finally:
+        assert proc.stop() == 0
+    assert wait_gone([proc.pid], 5.0) == []
 
 
 def wait_ready(url: str, *, headers: dict[str, str] | None = None, seconds: float = 60.0) -> dict[str, Any]:
