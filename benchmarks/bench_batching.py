@@ -60,7 +60,7 @@ from typing import Any, Callable
 import httpx
 import trio
 
-from llama_tools import llama_cpp_python_version, llama_server_binary
+from llama_tools import llama_cpp_python_version, llama_server_binary, narrated_bind_url
 
 #: Context of one slot in both servers: room for the ~3,000-token prompt and its answer.
 CTX_PER_SLOT = 4096
@@ -189,28 +189,9 @@ class Ours(Server):
         wait_until(lambda: _json_get(f"{self.url}/v1/ready").get("ready") is True, self)
 
     def _wait_for_bind(self) -> str:
-        # The URL is narrated on stdout (server_bind); the rest of stdout is drained so the
-        # worker never blocks on a full pipe.
-        found: list[str] = []
-        bound = threading.Event()
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and event.get("action") == "server_bind" and not found:
-                    found.append(event["url"])
-                    bound.set()
-            bound.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        bound.wait(START_SECONDS)
-        if not found:
+        if url is None:
             raise RuntimeError(f"llm-worker-rbee never narrated server_bind: {self.failure()}")
-        return found[0]
+        return url
 
     def failure(self) -> str:
         time.sleep(0.5)  # let the stderr reader catch the last line

@@ -31,12 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from llama_tools import llama_bench_binary, llama_cpp_python_version
+from llama_tools import llama_bench_binary, llama_cpp_python_version, narrated_bind_url
 
 PROMPT = "Once upon a time"
 
@@ -156,27 +155,11 @@ class Worker:
         raise RuntimeError(f"it never became ready (exit code {self.process.poll()})")
 
     def _wait_for_bind(self) -> str:
-        found: list[str] = []
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and event.get("action") == "server_bind" and not found:
-                    found.append(event["url"])
-                    bound.set()
-            bound.set()
-
-        bound = threading.Event()
-        threading.Thread(target=read, daemon=True).start()
-        bound.wait(120)
-        if not found:
+        url = narrated_bind_url(self.process, 120)
+        if url is None:
             self.stop()
             raise RuntimeError(f"it never narrated server_bind (exit code {self.process.poll()})")
-        return found[0]
+        return url
 
     def run(self, tokens: int) -> tuple[float, float]:
         import httpx

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,3 +126,28 @@ if __name__ == "__main__":
     builders = {"llama-bench": llama_bench_binary, "llama-server": llama_server_binary}
     for name in wanted:
         print(builders[name](llama_cpp_python_version()))
+
+
+def narrated_bind_url(process: "subprocess.Popen[Any]", seconds: float) -> str | None:
+    """The URL an rbee program narrates on stdout (``server_bind``), or None if it did not
+    within ``seconds``. The rest of stdout is drained on a thread for the program's life, so
+    it never blocks on a full pipe."""
+    found: list[str] = []
+    bound = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("action") == "server_bind" and not found:
+                found.append(event["url"])
+                bound.set()
+        bound.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    bound.wait(seconds)
+    return found[0] if found else None
+

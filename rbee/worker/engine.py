@@ -469,7 +469,7 @@ class Engine:
         request._attach(seq)
 
     def _step(self) -> bool:  # engine thread: one step; True while any stream is active
-        lib = native().lib
+        ffi, lib = native().ffi, native().lib
         if not self._running or self._context is None:
             return False
         for request in self._running.values():
@@ -485,19 +485,11 @@ class Engine:
             kind = event.kind
             if kind == lib.RBEE_EVENT_PIECE:
                 if request.on_piece is not None:
-                    text = native().ffi.unpack(event.text, event.len).decode("utf-8")  # whole UTF-8, by C's word
-                    try:
-                        request.on_piece(event.index, text)
-                    except BaseException as exc:  # the caller's bug: end its request, not the loop
-                        request.error = request.error or exc
-                        request.cancel()
+                    # Whole UTF-8, by C's word.
+                    _deliver(request, request.on_piece, event.index, ffi.unpack(event.text, event.len).decode("utf-8"))
             elif kind == lib.RBEE_EVENT_PREFILL:
                 if request.on_prefill is not None:
-                    try:
-                        request.on_prefill(event.index, event.total)
-                    except BaseException as exc:
-                        request.error = request.error or exc
-                        request.cancel()
+                    _deliver(request, request.on_prefill, event.index, event.total)
             elif kind == lib.RBEE_EVENT_FINISHED:
                 self._finish(event.seq_id, event.seq, request)
         if not self._running:
@@ -595,6 +587,16 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _deliver(request: Request, callback: Callable[..., object], *args: Any) -> None:
+    """Call one of the request's callbacks; a failure there is the caller's bug: it ends
+    that request (its error kept), never the step loop and the other streams."""
+    try:
+        callback(*args)
+    except BaseException as exc:
+        request.error = request.error or exc
+        request.cancel()
 
 
 def _native_error(status: int, why: str) -> RbeeError:

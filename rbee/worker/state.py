@@ -172,18 +172,14 @@ class WorkerState:
         for (it ends at its next step): a client that cancels and asks again at once is
         served, not turned away.
         """
-        if job_id in self.jobs:
-            raise JobExistsError(f"job {job_id} is already running on this worker; use another job_id",
-                                 details={"job_id": job_id})
+        self._check_job_id_free(job_id)
         if len(self.jobs) >= self.slots_total:
             ending = [job for job in self.jobs.values() if job.cancelled]
             if ending:
                 with trio.move_on_after(CANCELLED_JOB_GRACE):
                     await ending[0].done.wait()
         self.check_can_serve()
-        if job_id in self.jobs:
-            raise JobExistsError(f"job {job_id} is already running on this worker; use another job_id",
-                                 details={"job_id": job_id})
+        self._check_job_id_free(job_id)  # again: the same id may have come in while we waited
         if len(self.jobs) >= self.slots_total:
             raise BusyError(
                 f"all {self.slots_total} slots of this worker are busy; retry in "
@@ -196,6 +192,11 @@ class WorkerState:
         self.jobs[job_id] = job
         self._notify()
         return job
+
+    def _check_job_id_free(self, job_id: str) -> None:
+        if job_id in self.jobs:
+            raise JobExistsError(f"job {job_id} is already running on this worker; use another job_id",
+                                 details={"job_id": job_id})
 
     def release(self, job: Job) -> None:
         """Free the slot ``job`` held (a no-op if it no longer holds it)."""
