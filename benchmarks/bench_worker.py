@@ -56,7 +56,8 @@ def rate(start: float, stamps: list[float]) -> tuple[float, float]:
 def native_runners(model: Path, threads: int, tokens: int) -> dict[str, Callable[[], tuple[float, float]]]:
     import trio
 
-    from rbee.worker.engine import Engine, SamplingParams
+    from rbee.requests import SamplingParams
+    from rbee.worker.engine import Engine
     from rbee.worker.engine_trio import open_generation
 
     engine = Engine.load(model, n_ctx=2048, n_threads=threads)

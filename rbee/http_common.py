@@ -59,5 +59,10 @@ def answer_rbee_errors_as_envelopes(app: QuartTrio) -> None:
     """Register the handler that turns any ``RbeeError`` into its envelope and status."""
 
     @app.errorhandler(RbeeError)
-    async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int]:
-        return exc.envelope(), exc.http_status
+    async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int, dict[str, str]]:
+        headers = {}
+        # A refusal that asks the client to come back says when (RFC 9110 Retry-After).
+        retry_after = exc.details.get("retry_after") if isinstance(exc.details, dict) else None
+        if exc.http_status == 503 and retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return exc.envelope(), exc.http_status, headers

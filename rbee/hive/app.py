@@ -2,11 +2,15 @@
 
 - ``GET /v1/health`` (also ``/health``): no token needed.
 - ``GET /v1/detect``: the node's backends and devices (``rbee-hive detect``'s JSON).
-- ``GET /v1/workers`` -> ``{"workers": [{worker_id, url, state, model_ref, backend,
-  device, pid, ctx_size, slots: {total, busy}, api_key}]}``; ``state`` is ``loading``,
-  ``idle``, ``busy``, ``full`` or ``stopping``. ``api_key`` is an extension: the key the
-  hive minted for the worker, so that the hive's caller (the queen) can call the worker
-  directly. Anyone who may call the hive may use its workers.
+- ``GET /v1/workers`` -> ``{"workers": [{worker_id, url, state, model_ref, sha256, backend,
+  device, pid, ctx_size, slots: {total, busy}, memory_bytes, idle_timeout_s, api_key}]}``;
+  ``state`` is ``loading``, ``idle``, ``busy``, ``full`` or ``stopping``. ``api_key`` is an
+  extension: the key the hive minted for the worker, so that the hive's caller (the queen)
+  can call the worker directly. Anyone who may call the hive may use its workers.
+- ``GET /v1/events``: SSE of ``worker`` events (``WorkerChange``, the same fields as the
+  listing): ``present`` for each live worker on connect, then ``spawned``, ``ready``,
+  ``capacity`` (busy slots changed) and ``exited`` (with ``reason``, ``exit_code``) as they
+  happen; ``: ping`` when quiet; ``[DONE]`` when the hive shuts down.
 - ``POST /v1/workers/spawn {model, backend="cpu", device=0, ctx_size?, parallel?}`` -> 201
   ``{worker_id, url, state: "loading", api_key, model_ref, pid, backend, device, ctx_size,
   slots}``; waits while the model is provisioned (narrated on stdout and into the
@@ -15,6 +19,8 @@
 - ``GET /v1/workers/{id}/narration``: SSE of the worker's stdout/stderr since spawn, then
   live, ``[DONE]`` when it exited. ``POST /v1/workers/{id}/shutdown``.
 - ``GET /v1/models`` -> ``{"models": [catalog entries]}``.
+- ``POST /v1/models/resolve {model}`` -> ``{reference, sha256, size, on_disk, file}``: which
+  file the reference means on this node, fetching nothing (404 ``model_not_found``).
 - ``POST /v1/models/download {model}`` -> 202 ``{download_id, model_ref}``;
   ``GET /v1/models/download/{id}/progress``: SSE of narration (``download_progress`` with
   ``bytes_done``, ``bytes_total``, ``percent``, ``bytes_per_sec``, ``eta_s``), then a
@@ -40,6 +46,7 @@ from ..narration import narrate
 from .auth import check_request
 from .config import ACTOR
 from .eventlog import sse_body
+from .events import sse_body as worker_events_body
 from .service import HiveState
 
 
@@ -101,6 +108,11 @@ def create_app(state: HiveState) -> QuartTrio:
         worker = state.workers.mark_ready(request.headers.get("Authorization"), body)
         return {"worker_id": worker.worker_id, "state": worker.state}
 
+    @app.get("/v1/events")
+    async def events() -> Response:
+        # The body subscribes when it starts: the present workers, then the live changes.
+        return sse_response(worker_events_body(state.workers.subscribe, state.config.ping_interval_s))
+
     @app.get("/v1/workers/<worker_id>/narration")
     async def worker_narration(worker_id: str) -> Response:
         return sse_response(sse_body(state.workers.log_of(worker_id), state.config.ping_interval_s))
@@ -114,6 +126,10 @@ def create_app(state: HiveState) -> QuartTrio:
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"models": [e.public() for e in state.catalog.list()]}
+
+    @app.post("/v1/models/resolve")
+    async def resolve_model() -> dict[str, Any]:
+        return await state.resolve_model(await _json_body())
 
     @app.post("/v1/models/download")
     async def download() -> tuple[dict[str, Any], int]:

@@ -29,13 +29,15 @@ import httpx
 import trio
 
 from ..errors import ProvisionError
-from .references import ModelRef, pick_gguf, quant_of
+from ..requests import ModelRef
 
 #: Progress narration is rate-limited to this many events per second.
 PROGRESS_EVENTS_PER_S = 4
 MAX_STALLED_ATTEMPTS = 5
 RETRY_DELAY_S = 0.5
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: Quantisations in the order ``hf:org/repo`` prefers them.
+PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M", "Q8_0", "F16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +58,46 @@ class HubFile:
         return f"hf:{self.repo}/{self.filename}"
 
 
+def quant_of(filename: str) -> str | None:
+    """The quantisation named in a GGUF file name (``...-Q4_K_M.gguf`` -> ``Q4_K_M``)."""
+    stem = filename.rsplit("/", 1)[-1]
+    if stem.lower().endswith(".gguf"):
+        stem = stem[:-5]
+    match = re.search(r"(?:^|[-_.])((?:IQ|Q)\d[A-Z0-9_]*|F16|BF16|F32)$", stem, re.IGNORECASE)
+    return match.group(1).upper() if match else None
+
+
+def pick_gguf(filenames: list[str], quant: str | None) -> str | None:
+    """The GGUF a repository reference means: that ``quant``, else the preferred order.
+
+    Split GGUFs (``-00001-of-00003.gguf``) are not picked: a worker loads one file.
+    """
+    ggufs = [f for f in filenames if f.lower().endswith(".gguf") and not re.search(r"-\d{5}-of-\d{5}\.gguf$", f)]
+    by_quant: dict[str, list[str]] = {}
+    for name in ggufs:
+        q = quant_of(name)
+        if q:
+            by_quant.setdefault(q, []).append(name)
+    for wanted in ([quant] if quant else list(PREFERRED_QUANTS)):
+        if wanted in by_quant:
+            return sorted(by_quant[wanted], key=len)[0]
+    return None
+
+
 def offline() -> bool:
     """``HF_HUB_OFFLINE`` is set: no request to the Hub may be made."""
     from huggingface_hub import constants
 
     return bool(constants.is_offline_mode())
+
+
+def offline_message(ref: ModelRef) -> str:
+    """Why an hf: reference the catalog does not hold cannot be resolved offline, and the fix."""
+    return (
+        f"{ref.reference} is not on this node (not in its model catalog), and HF_HUB_OFFLINE is set, so the "
+        f"Hugging Face Hub cannot be asked which file it is: download it first while the Hub can be reached "
+        f"(rbee-keeper models download {ref.reference}), or unset HF_HUB_OFFLINE"
+    )
 
 
 def resolve_hub_file(ref: ModelRef) -> HubFile:
@@ -70,10 +107,7 @@ def resolve_hub_file(ref: ModelRef) -> HubFile:
 
     assert ref.repo is not None
     if offline():
-        raise ProvisionError(
-            f"{ref.reference} is not in this node's catalog and HF_HUB_OFFLINE is set: "
-            "unset it (or download the model while online) to fetch it"
-        )
+        raise ProvisionError(offline_message(ref))
     try:
         info = HfApi().model_info(ref.repo, files_metadata=True)
         siblings = {s.rfilename: s for s in (info.siblings or [])}
@@ -82,7 +116,8 @@ def resolve_hub_file(ref: ModelRef) -> HubFile:
             ggufs = sorted(n for n in siblings if n.lower().endswith(".gguf"))
             wanted = ref.filename or ref.quant or "Q4_K_M, Q5_K_M, Q8_0 or F16"
             raise ProvisionError(
-                f"{ref.repo} on the Hub has no GGUF for {wanted}; its GGUF files: {', '.join(ggufs) or 'none'}",
+                f"{ref.reference}: {ref.repo} on the Hub has no GGUF for {wanted}; its GGUF files: "
+                f"{', '.join(ggufs) or 'none'}" + (f" (name one: hf:{ref.repo}/FILE.gguf)" if ggufs else ""),
                 code="model_not_found",
             )
         sibling = siblings[filename]
@@ -93,11 +128,12 @@ def resolve_hub_file(ref: ModelRef) -> HubFile:
         raise
     except hf_errors.RepositoryNotFoundError:
         raise ProvisionError(
-            f"{ref.repo} does not exist on the Hub, or it is private/gated and HF_TOKEN is not set",
+            f"{ref.reference}: the repository {ref.repo} does not exist on the Hugging Face Hub, or it is "
+            "private/gated and HF_TOKEN is not set: check the name (org/repo), or set HF_TOKEN",
             code="model_not_found",
         ) from None
     except hf_errors.OfflineModeIsEnabled:
-        raise ProvisionError(f"{ref.reference} needs the Hub but HF_HUB_OFFLINE is set") from None
+        raise ProvisionError(offline_message(ref)) from None
     except Exception as exc:  # noqa: BLE001 - network and Hub errors become one clear message
         raise ProvisionError(f"could not ask the Hub about {ref.reference}: {exc}") from None
     lfs = sibling.lfs

@@ -28,11 +28,11 @@ from ..errors import ProvisionError, RbeeError
 from ..narration import narrate
 from ..narration.events import Event
 from ..paths import models_dir
+from ..requests import ModelRef
 from . import download, embedded
 from .catalog import CatalogEntry, ModelCatalog, utc_now
 from .gguf_header import kv_cache_bytes, read_gguf_metadata
 from .preflight import check_disk, human_bytes
-from .references import ModelRef
 
 ACTOR = "model-provisioner"
 Listener = Callable[[Event], None]
@@ -62,6 +62,28 @@ class Resolution:
     def alternatives(self) -> tuple[tuple[str, int], ...]:
         """(quant, size) of the repository's other GGUFs (for preflight's hints)."""
         return self.hub.alternatives if self.hub else ()
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's sha256 when known without reading it: the catalog's, the Hub's (LFS),
+        the embedded package's; None for a ``file:`` path not catalogued yet."""
+        if self.entry is not None:
+            return self.entry.sha256
+        if self.hub is not None:
+            return self.hub.sha256
+        if self.provider == "embedded":
+            return embedded.embedded_sha256()
+        return None
+
+    @property
+    def on_disk(self) -> bool:
+        """The file is on this node: catalogued (and present), or a ``file:`` path."""
+        return self.entry is not None or (self.provider == "file" and self.local_path.is_file())
+
+    def public(self) -> dict[str, object]:
+        """The JSON of ``POST /v1/models/resolve``: which file the reference means here."""
+        return {"reference": self.reference, "sha256": self.sha256, "size": self.size, "on_disk": self.on_disk,
+                "file": self.file}
 
     def kv_bytes(self, ctx_size: int) -> int | None:
         """KV cache bytes from the GGUF header when the file is on disk, else None."""
@@ -119,7 +141,8 @@ class Provisioner:
         if ref.provider == "file":
             path = Path(ref.path or "")
             if not path.is_file():
-                raise ProvisionError(f"model file {path} does not exist on this node", code="model_not_found")
+                raise ProvisionError(f"model file {path} ({ref.reference}) does not exist on this node: "
+                                     "give the absolute path of a .gguf file that is on it", code="model_not_found")
             return Resolution(ref, ref.reference, "file", path.name, path.stat().st_size, path)
         hub = await trio.to_thread.run_sync(download.resolve_hub_file, ref)
         entry = self.catalogued(hub.reference)

@@ -89,6 +89,7 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
         narrate(ACTOR, "hive_shutdown", f"rbee-hive shutting down: stopping {count} worker(s)", workers=count)
         with trio.CancelScope(shield=True):
             await workers.stop_all("the hive is shutting down")
+            workers.events.close()  # GET /v1/events ends with [DONE], after every worker's exited
             # Graceful end of HTTP: answers under way (the 202 of POST /v1/shutdown, the
             # [DONE] of narration streams) are written, then the server stops.
             http_stop.set()

@@ -23,19 +23,19 @@ import trio
 from ..errors import BusyError, InvalidRequestError, NotFoundError, RbeeError
 from ..narration import narrate
 from ..narration.events import Error
+from ..requests import BACKENDS, parse_reference
 from . import preflight
 from .catalog import ModelCatalog
 from .config import ACTOR, HiveConfig
 from .detect import nvidia_devices
 from .eventlog import EventLog
 from .provision import Provisioner, Resolution, kv_bytes_at
-from .references import parse_reference
 from .workers import Worker, WorkerRegistry, new_worker_id
 
 #: The worker's own default (``llm-worker-rbee --ctx-size``), used for the memory plan.
 DEFAULT_CTX_SIZE = 4096
 MAX_CTX_SIZE = 1 << 20
-BACKEND_NAMES = ("cpu", "cuda", "metal")
+BACKEND_NAMES = BACKENDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +180,24 @@ class HiveState:
         self.downloads[record.download_id] = record
         self.nursery.start_soon(self._run_download, record, res)
         return record
+
+    async def resolve_model(self, body: Any) -> dict[str, Any]:
+        """``POST /v1/models/resolve``: which file ``body["model"]`` means here, fetching nothing.
+
+        A file or Hub repository/file that does not exist is a 404 ``model_not_found``
+        (the spawn's 422 for the same cause is a failed spawn; here the thing asked about
+        is missing).
+        """
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the request body must be a JSON object: {\"model\": REFERENCE}")
+        ref = parse_reference(body.get("model"))
+        try:
+            res = await self.provisioner.resolve(ref)
+        except RbeeError as exc:
+            if exc.code == "model_not_found":
+                raise NotFoundError(exc.message, details=exc.details, code=exc.code) from None
+            raise
+        return res.public()
 
     async def _run_download(self, record: DownloadRecord, res: Resolution) -> None:
         log = record.log

@@ -31,6 +31,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,12 @@ import trio
 
 from ..errors import AuthError, InvalidRequestError, NotFoundError, WorkerError
 from ..narration import jsonlines, narrate
-from ..narration.events import Event, NarrationEvent
+from ..narration.events import Event, NarrationEvent, WorkerChange
 from . import childproc
 from .catalog import CatalogEntry
 from .config import ACTOR, HiveConfig
 from .eventlog import EventLog
+from .events import WorkerEvents
 from .preflight import slots_phrase
 
 WORKER_ACTOR = "llm-worker-rbee"
@@ -54,6 +56,12 @@ DRAIN_S = 1.0
 STATES = ("loading", "idle", "busy", "full", "stopping")
 #: The states of a worker that serves (its model is loaded): the hive polls these.
 SERVING = ("idle", "busy", "full")
+#: The kinds of ``WorkerChange`` on ``GET /v1/events``.
+CHANGES = ("present", "spawned", "ready", "capacity", "exited")
+#: ``WorkerChange`` fields that ``GET /v1/workers`` does not list as they are: the
+#: change's own (kind, reason, exit code, time), the slots (listed as ``slots: {total,
+#: busy}``) and the key (listed only for the hive's parent).
+_NOT_LISTED = ("change", "reason", "exit_code", "ts_ms", "slots_total", "slots_busy", "api_key")
 
 
 def free_port(host: str) -> int:
@@ -136,6 +144,12 @@ class Worker:
     exited: trio.Event = field(default_factory=trio.Event)
     returncode: int | None = None
     stopping: bool = False
+    #: The sha256 of the model file (the catalog entry's).
+    sha256: str | None = None
+    #: The hive's idle unload timeout for this worker, in seconds (0: never).
+    idle_timeout_s: float = 0.0
+    #: Why the hive stopped it (``request_stop``'s reason); None while nobody asked.
+    stop_reason: str | None = None
 
     @property
     def pid(self) -> int:
@@ -164,15 +178,51 @@ class Worker:
         """``{"total": parallel, "busy": k}``, as ``GET /v1/workers`` lists it."""
         return {"total": self.parallel, "busy": self.slots_busy}
 
+    def exit_reason(self) -> str:
+        """Why the worker exited, in words: the stop reason, else how it crashed."""
+        if self.stop_reason is not None:
+            return self.stop_reason
+        code = self.returncode
+        if code is None:
+            return "exited (exit code unknown)"
+        if code < 0:
+            try:
+                name = f" ({signal.Signals(-code).name})"
+            except ValueError:
+                name = ""
+            return f"crashed: killed by signal {-code}{name}"
+        if code == 0:
+            return "exited on its own with exit code 0"
+        return f"crashed: exit code {code}"
+
+    def change(self, kind: str, reason: str | None = None) -> WorkerChange:
+        """The ``WorkerChange`` of ``kind`` for the worker as it is now (``GET /v1/events``).
+
+        ``exited`` carries the state ``exited``, the exit code and ``reason`` (by default
+        ``exit_reason()``). ``public()`` is built from the same object, so the listing and
+        the stream never disagree.
+        """
+        exited = kind == "exited"
+        return WorkerChange(
+            change=kind, worker_id=self.worker_id, state="exited" if exited else self.state,
+            model_ref=self.model_ref, sha256=self.sha256, backend=self.backend, device=self.device, url=self.url,
+            api_key=self.api_key, pid=self.proc.pid if self.proc is not None else None, ctx_size=self.ctx_size,
+            slots_total=self.parallel, slots_busy=self.slots_busy, memory_bytes=self.planned_bytes,
+            idle_timeout_s=self.idle_timeout_s,
+            reason=(reason or self.exit_reason()) if exited else reason,
+            exit_code=self.returncode if exited else None, ts_ms=int(time.time() * 1000),
+        )
+
     def public(self, *, with_key: bool) -> dict[str, Any]:
-        """The JSON of ``GET /v1/workers`` (the key only for the hive's parent)."""
+        """The JSON of ``GET /v1/workers`` (the key only for the hive's parent): the fields
+        of its ``WorkerChange``, with ``slots: {total, busy}``."""
+        change = self.change("present")
         out: dict[str, Any] = {
-            "worker_id": self.worker_id, "url": self.url, "state": self.state, "model_ref": self.model_ref,
-            "backend": self.backend, "device": self.device, "pid": self.pid, "ctx_size": self.ctx_size,
-            "slots": self.slots,
+            f.name: getattr(change, f.name) for f in dataclasses.fields(change) if f.name not in _NOT_LISTED
         }
+        out["slots"] = {"total": change.slots_total, "busy": change.slots_busy}
         if with_key:
-            out["api_key"] = self.api_key
+            out["api_key"] = change.api_key
         return out
 
 
@@ -187,6 +237,8 @@ class WorkerRegistry:
         self._workers: dict[str, Worker] = {}
         self._logs: dict[str, EventLog] = {}  # every log, including those of workers being provisioned
         self.callback_url = ""  # set by serve() once the hive's port is known
+        #: The subscribers of ``GET /v1/events``; every change of a worker is published there.
+        self.events = WorkerEvents()
 
     def list(self) -> list[Worker]:
         """The live workers, oldest first."""
@@ -198,6 +250,13 @@ class WorkerRegistry:
         if worker is None:
             raise NotFoundError(f"no worker {worker_id!r} on this hive (GET /v1/workers lists them)")
         return worker
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[WorkerChange]:
+        """A ``GET /v1/events`` subscription: ``present`` for every live worker, then live changes."""
+        return self.events.subscribe(w.change("present") for w in self.list())
+
+    def _publish(self, worker: Worker, kind: str) -> None:
+        self.events.publish(worker.change(kind))
 
     def log_of(self, worker_id: str) -> EventLog:
         """The narration log of a worker (also one still being provisioned, or just exited)."""
@@ -236,6 +295,7 @@ class WorkerRegistry:
             device=device, ctx_size=ctx_size, parallel=parallel, url=f"http://{url_host}:{port}",
             api_key=secrets.token_urlsafe(32),
             log=self._logs.get(worker_id) or self.open_log(worker_id), planned_bytes=planned_bytes,
+            sha256=entry.sha256, idle_timeout_s=max(0.0, self.config.idle_timeout_s),
         )
         argv = [
             *self.config.worker_command, "--model", entry.local_path, "--host", host, "--port", str(port),
@@ -259,6 +319,7 @@ class WorkerRegistry:
         self._say(worker, "worker_spawn", f"Spawned worker {worker_id} (pid {worker.pid}) for {entry.reference} "
                   f"on {backend}:{device} at {worker.url} with {slots_phrase(parallel)}",
                   pid=worker.pid, url=worker.url, parallel=parallel)
+        self._publish(worker, "spawned")
         assert worker.proc.stdout is not None and worker.proc.stderr is not None
         streams = []
         for pipe in (worker.proc.stdout, worker.proc.stderr):
@@ -311,6 +372,8 @@ class WorkerRegistry:
             if worker.returncode is None and worker.proc is not None:
                 # Cancelled while the worker lives (serve() cancelled from outside rather
                 # than shut down): no worker may outlive the hive's watch over it.
+                if worker.stop_reason is None:
+                    worker.stop_reason = "the hive stopped watching it (cancelled): killed"
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(worker.pid, signal.SIGKILL)
                 worker.returncode = worker.proc.wait()
@@ -324,6 +387,8 @@ class WorkerRegistry:
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         self._say(worker, "worker_exit", f"Worker {worker.worker_id} (pid {worker.pid}) {how}; deregistered",
                   level="info" if expected else "warn", exit_code=code, pid=worker.pid)
+        worker.state = "exited"
+        self._publish(worker, "exited")
         worker.exited.set()
         worker.log.close()
         # Keep the closed log a while so that a late reader still gets the story and [DONE].
@@ -352,7 +417,10 @@ class WorkerRegistry:
                 if response.status_code == 200:
                     busy = slots_from_ready(response.json(), worker.parallel)
                     if busy is not None:
+                        before = worker.slots_busy
                         worker.note_slots(busy, trio.current_time())
+                        if worker.slots_busy != before:
+                            self._publish(worker, "capacity")
         except (httpx.HTTPError, ValueError):
             pass  # a worker that does not answer is judged by its process, not by HTTP
 
@@ -372,6 +440,7 @@ class WorkerRegistry:
             worker.idle_since = trio.current_time()
             self._say(worker, "worker_ready", f"Worker {worker.worker_id} is ready (idle) at {worker.url}",
                       url=worker.url)
+            self._publish(worker, "ready")
         return worker
 
     def request_stop(self, worker: Worker, reason: str) -> None:
@@ -380,7 +449,10 @@ class WorkerRegistry:
             return
         worker.stopping = True
         worker.state = "stopping"
+        worker.stop_reason = reason
         self._say(worker, "worker_stop", f"Stopping worker {worker.worker_id}: {reason}")
+        # Said at once (its exit may take seconds): the queen stops giving it jobs now.
+        self.events.publish(worker.change("stopping", reason))
         self._nursery.start_soon(self._stop_sequence, worker)
 
     async def stop(self, worker: Worker, reason: str) -> None:
@@ -436,4 +508,4 @@ class WorkerRegistry:
                 await self._poll_once(worker)
                 idle = worker.idle_seconds(trio.current_time())
                 if idle is not None and idle >= timeout:
-                    self.request_stop(worker, f"idle for {timeout:g} s (RBEE_WORKER_IDLE_TIMEOUT)")
+                    self.request_stop(worker, f"idle for {timeout:g} s: idle timeout (RBEE_WORKER_IDLE_TIMEOUT)")

@@ -102,7 +102,7 @@ async def remove_node(out: Output, name: str) -> int:
 
 
 async def list_workers(out: Output, *, health: bool = False) -> int:
-    """``workers list`` / ``workers health``: the workers of every running hive."""
+    """``workers list`` / ``workers health``: the queen's workers (its scheduler's records)."""
     listing = await call(out, "GET", "/v1/workers")
     workers = listing["workers"]
     if not workers:
@@ -110,7 +110,128 @@ async def list_workers(out: Output, *, health: bool = False) -> int:
     rows = [[w.get("node"), w.get("worker_id"), w.get("state"), w.get("model_ref"), w.get("url")] for w in workers]
     _print_rows(rows)
     if health:
-        return 0 if all(w.get("state") in ("idle", "busy", "loading") for w in workers) else 1
+        # The queen's scheduler states: spawning -> ready <-> busy (a gone worker is not listed).
+        return 0 if all(w.get("state") in ("spawning", "ready", "busy") for w in workers) else 1
+    return 0
+
+
+PS_COLUMNS = ("NODE", "MODEL", "BACKEND", "SLOTS", "MEMORY", "UNTIL", "WORKER")
+#: Between two columns: wider than one space, because cells hold spaces ("547 MiB").
+PS_GAP = "   "
+NO_QUEEN_NOTE = (
+    "No queen-rbee is running, so no worker is loaded "
+    "(`rbee-keeper queen start` keeps one, and its workers, up between commands)."
+)
+
+
+def human_size(size: int | float | None) -> str:
+    """``547 MiB``, ``1.5 GiB`` (binary units); ``-`` when unknown (None or 0)."""
+    if not size or size < 0:
+        return "-"
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB"
+    if size >= 1 << 20:
+        return f"{size / (1 << 20):.0f} MiB"
+    return f"{max(1, round(size / 1024))} KiB"
+
+
+def _from_now(seconds: float) -> str:
+    if seconds < 1:
+        return "less than a second from now"
+    for unit, size, about in (("day", 86400, "a day"), ("hour", 3600, "an hour"), ("minute", 60, "a minute")):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"about {about} from now" if count == 1 else f"{count} {unit}s from now"
+    count = int(seconds)
+    return f"{count} second{'s' if count != 1 else ''} from now"
+
+
+def _slots(worker: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(busy, total) of a worker's slots; None when the listing does not say."""
+    slots = worker.get("slots")
+    if isinstance(slots, dict):
+        return slots.get("busy"), slots.get("total")
+    if isinstance(slots, int) and not isinstance(slots, bool):
+        return None, slots  # an older queen: the number of slots only
+    return None, None
+
+
+def ps_until(worker: dict[str, Any]) -> str:
+    """The UNTIL cell: when the hive will unload this worker if it stays idle.
+
+    The rule, first match wins:
+    - ``starting`` while the worker is spawning or loading (its slots are not open yet);
+    - ``stopping`` while it shuts down (or is gone, between two listings);
+    - ``in use`` while any slot is busy (or the worker says busy/full): the idle timer
+      only runs once every slot is idle;
+    - ``unload_in_s`` as ollama words it: ``4 minutes from now``, ``about a minute from
+      now``, ``30 seconds from now``, ``less than a second from now``;
+    - ``Forever`` when ``unload_in_s`` is null on an idle worker: its hive never unloads
+      (``RBEE_WORKER_IDLE_TIMEOUT`` 0 or less).
+    """
+    state = worker.get("state")
+    if state in ("spawning", "loading", "starting"):
+        return "starting"
+    if state in ("stopping", "stopped", "gone"):
+        return "stopping"
+    busy, _ = _slots(worker)
+    if (busy or 0) > 0 or state in ("busy", "full"):
+        return "in use"
+    unload_in_s = worker.get("unload_in_s")
+    if isinstance(unload_in_s, (int, float)) and not isinstance(unload_in_s, bool):
+        return _from_now(float(unload_in_s))
+    return "Forever"
+
+
+def ps_row(worker: dict[str, Any]) -> list[str]:
+    """One worker's cells, in ``PS_COLUMNS`` order."""
+    backend = str(worker.get("backend") or "-")
+    if worker.get("device") is not None and backend != "-":
+        backend = f"{backend}:{worker['device']}"
+    busy, total = _slots(worker)
+    slots = "-" if total is None else f"{busy if busy is not None else '?'}/{total}"
+    model = worker.get("model") or worker.get("model_ref") or "-"
+    return [
+        str(worker.get("node") or "-"), str(model), backend, slots,
+        human_size(worker.get("memory_bytes")), ps_until(worker), str(worker.get("worker_id") or "-"),
+    ]
+
+
+def format_ps(workers: list[dict[str, Any]]) -> str:
+    """The ``ps`` table: a header and one row per worker (by node, model, worker id),
+    columns left-aligned and ``PS_GAP`` apart, no trailing spaces, no final newline.
+
+    No ``now`` is needed: the queen answers ``unload_in_s`` relative to its answer."""
+    rows = [list(PS_COLUMNS)] + [
+        ps_row(w) for w in sorted(workers, key=lambda w: (str(w.get("node")), str(w.get("model") or w.get("model_ref")), str(w.get("worker_id"))))
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(PS_COLUMNS))]
+    lines = [PS_GAP.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+async def ps(out: Output) -> int:
+    """``ps``: the loaded workers, one row per worker, like ``ollama ps`` (stdout).
+
+    Only a queen that already runs is asked (``RBEE_QUEEN_URL``, then the persistent
+    one): an ephemeral queen started for the question would have no workers. With no
+    queen running it prints ``NO_QUEEN_NOTE`` (one line, on stderr) and exits 0, as
+    ``workers list`` does when there is no worker: nothing loaded is not an error. A queen
+    that answers with an error, or breaks the connection, is one error line and exit 1.
+    See ``ps_until`` for the UNTIL column.
+    """
+    url = await find_queen()
+    if url is None:
+        out.line(NO_QUEEN_NOTE)
+        return 0
+    async with open_http_client(url, api_token()) as client:
+        try:
+            response = await client.get("/v1/workers")
+        except httpx.TransportError as exc:
+            raise QueenUnreachableError(f"queen-rbee at {url} broke the connection ({exc})") from None
+    if response.status_code >= 400:
+        raise error_from_response(response)
+    print(format_ps(response.json()["workers"]), flush=True)
     return 0
 
 

@@ -6,18 +6,47 @@ Every error is one line on stderr naming the cause and the fix, never a tracebac
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import cyclopts
-import trio
 
-from ..errors import RbeeError
-from . import admin
-from .output import Output
-from .run_job import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_USAGE, run_job
+from ..errors import InvalidRequestError, NotFoundError, RbeeError
+from ..requests import parse_infer_request
+from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_USAGE
+
+
+class _Deferred:
+    """A module imported when first used: trio, httpx and the narration renderer take
+    ~0.35 s to import, and a command line refused before any work must answer at once."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+trio = _Deferred("trio")
+admin = _Deferred("rbee.keeper.admin")
+
+
+def Output(mode: str = "human") -> Any:  # noqa: N802 (stands for the class, imported late)
+    """The keeper's output streams, ``output.Output``."""
+    from .output import Output as _Output
+
+    return _Output(mode)
+
+
+async def run_job(request: dict[str, Any], out: Any) -> int:
+    """``run_job.run_job``: run ``request`` to the end on a queen."""
+    from .run_job import run_job as _run_job
+
+    return await _run_job(request, out)
+
 
 NarrationMode = Literal["human", "cute", "story", "json", "quiet"]
 
@@ -47,10 +76,10 @@ def _run(fn: Callable[..., Any], *args: Any, mode: str = "human") -> int:
 @app.command
 def infer(
     *,
-    node: str = "localhost",
+    node: str | None = None,
     model: str,
     prompt: str,
-    max_tokens: int = 128,
+    max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -67,13 +96,14 @@ def infer(
     Parameters
     ----------
     node
-        The node to run on (``localhost``, or one added with ``setup add-node``).
+        The node to run on (``localhost``, or one added with ``setup add-node``);
+        absent: the queen places the job.
     model
         Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``.
     prompt
         The prompt text.
     max_tokens
-        Stop after this many tokens.
+        Stop after this many tokens (absent: the request default, docs/requests.md).
     temperature
         Sampling temperature (0 = greedy).
     top_p
@@ -95,13 +125,54 @@ def infer(
     narration
         How narration is shown on stderr.
     """
-    request: dict[str, Any] = {"operation": "infer", "node": node, "model": model, "prompt": prompt, "max_tokens": max_tokens}
+    request: dict[str, Any] = {"operation": "infer", "model": model, "prompt": prompt}
     optional = {
+        "node": node, "max_tokens": max_tokens,
         "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
         "repeat_penalty": repeat_penalty, "seed": seed, "stop": stop, "backend": backend, "device": device,
     }
     request.update({k: v for k, v in optional.items() if v is not None})
+    # Refuse a bad request before anything is started or contacted (absent fields are
+    # left out: the queen applies the same defaults).
+    try:
+        parse_infer_request(request)
+    except InvalidRequestError as exc:
+        return _refuse(exc.message, EXIT_USAGE)
+    if node is not None and (unknown := _unknown_node(node)):
+        return _refuse(unknown, EXIT_JOB_FAILED)
     return trio.run(run_job, request, Output(narration))
+
+
+def _refuse(message: str, code: int) -> int:
+    """One error line on stderr, as ``Output.error`` writes it (without importing it)."""
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def _unknown_node(name: str) -> str | None:
+    """Why ``--node name`` cannot run, when no queen runs and the node registry on disk
+    does not know it (the ephemeral queen would read the same registry); else None.
+
+    A running queen has its own registry (maybe on another machine): it decides.
+    """
+    import sqlite3
+
+    from ..paths import rbee_home
+    from ..queen.nodes import LOCALHOST, NodeRegistry
+
+    if name == LOCALHOST:
+        return None  # built in
+    try:
+        NodeRegistry(rbee_home() / "nodes.db").get(name)
+        return None
+    except NotFoundError as exc:
+        missing = exc.message
+    except (OSError, sqlite3.Error):
+        return None  # an unreadable registry: the queen reports it
+    from .queen_control import find_queen
+
+    return None if trio.run(find_queen) is not None else missing
 
 
 # -- queen --------------------------------------------------------------------------------
@@ -197,6 +268,16 @@ def workers_health() -> int:
 def workers_shutdown(*, node: str | None = None, worker_id: str | None = None) -> int:
     """Shut workers down (all, one node's, or one)."""
     return _run(admin.shutdown_workers, node, worker_id)
+
+
+@app.command(name="ps")
+def ps() -> int:
+    """Show the loaded workers, one row per worker (like `ollama ps`).
+
+    UNTIL says when an idle worker will be unloaded; "in use" while a slot is busy,
+    "Forever" when its hive never unloads. With no queen running: a note, exit 0.
+    """
+    return _run(admin.ps)
 
 
 # -- models -------------------------------------------------------------------------------

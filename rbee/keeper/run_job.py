@@ -22,10 +22,10 @@ import trio
 from ..client import open_job_stream
 from ..errors import RbeeError
 from ..narration.events import End, Error, NarrationEvent, Token
+from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_OK
 from .output import Output
 from .queen_control import EphemeralQueen, api_token, find_queen
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 #: After a Ctrl-C, how long we let an ephemeral queen finish before we exit anyway
 #: (it goes on shutting its cascade down without us).
 CANCEL_EXIT_WAIT_S = 0.2

@@ -22,6 +22,7 @@ from .events import Ready as Ready
 from .events import Started as Started
 from .events import Token as Token
 from .events import UnknownEvent as UnknownEvent
+from .events import WorkerChange as WorkerChange
 from .narrate import Sink as Sink
 from .narrate import current_correlation_id as current_correlation_id
 from .narrate import current_job_id as current_job_id

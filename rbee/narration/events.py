@@ -138,6 +138,45 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerChange:
+    """A hive's news about one of its workers (its ``GET /v1/events`` stream).
+
+    ``change`` is ``present`` (a live worker, sent to a new subscriber), ``spawned``
+    (its process started; state ``loading``), ``ready`` (its ready callback came),
+    ``capacity`` (its busy slot count changed), ``stopping`` (its stop began; ``reason``
+    says why) or ``exited`` (deregistered; ``reason`` and ``exit_code`` say why). ``state`` is ``loading``, ``idle``, ``busy``, ``full``,
+    ``stopping`` or ``exited``.
+    """
+
+    type: ClassVar[str] = "worker"
+
+    change: str
+    worker_id: str
+    state: str
+    #: The catalog's canonical reference of the model.
+    model_ref: str = ""
+    #: Of the GGUF file the worker loaded.
+    sha256: str | None = None
+    backend: str = "cpu"
+    device: int = 0
+    url: str = ""
+    #: The worker's key (the stream is for the hive's parent only).
+    api_key: str | None = None
+    pid: int | None = None
+    ctx_size: int | None = None
+    slots_total: int = 1
+    slots_busy: int = 0
+    #: The memory the preflight planned for the worker.
+    memory_bytes: int = 0
+    #: The hive's idle unload timeout in seconds (0: never).
+    idle_timeout_s: float = 0.0
+    #: ``exited``: why, in words (idle timeout, asked over HTTP, hive shutdown, crashed: exit code N / signal N).
+    reason: str | None = None
+    exit_code: int | None = None
+    ts_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownEvent:
     """An event type this version does not know; kept whole so nothing is lost."""
 
@@ -156,7 +195,11 @@ DONE = Done()
 
 #: Every typed event class, by its wire ``type``.
 EVENT_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (NarrationEvent, Started, Token, Prefill, Metrics, End, Error, Loading, Ready)
+    cls.type: cls
+    for cls in (NarrationEvent, Started, Token, Prefill, Metrics, End, Error, Loading, Ready, WorkerChange)
 }
 
-Event = NarrationEvent | Started | Token | Prefill | Metrics | End | Error | Loading | Ready | UnknownEvent | Done
+Event = (
+    NarrationEvent | Started | Token | Prefill | Metrics | End | Error | Loading | Ready | WorkerChange
+    | UnknownEvent | Done
+)

@@ -22,11 +22,14 @@ from ..errors import InvalidRequestError, NotFoundError
 from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
 from ..narration import narrate, sse
 from .asyncio_bridge import AsyncioBridge
-from .hives import Hive, HiveManager
-from .infer import InferJob, live_worker_state, validate_infer
+from ..requests import parse_infer_request
+from .hives import HiveManager
+from .infer import InferJob, submit_checks
 from .jobs import Job, JobRegistry
+from .metrics import QueenMetrics
 from .nodes import Node, NodeRegistry, validate_node_fields
 from .operations import DownloadJob, validate_download
+from .scheduler import QueueFullError, Scheduler
 from .ssh import probe_node
 
 ACTOR = "queen-rbee"
@@ -41,6 +44,9 @@ class QueenState:
     jobs: JobRegistry
     http: httpx.AsyncClient
     bridge: AsyncioBridge
+    scheduler: Scheduler
+    infer: InferJob
+    metrics: QueenMetrics
     shutdown: trio.Event = field(default_factory=trio.Event)
     api_token: str | None = None
     ping_interval_s: float = 15.0
@@ -57,7 +63,6 @@ def create_app(state: QueenState) -> QuartTrio:
     # Streams live as long as their job (a model download can take many minutes).
     app = streaming_app("queen-rbee")
     answer_rbee_errors_as_envelopes(app)
-    infer_job = InferJob(state.nodes, state.hives, state.http)
     download_job = DownloadJob(state.nodes, state.hives, state.http)
 
     @app.errorhandler(404)
@@ -83,7 +88,18 @@ def create_app(state: QueenState) -> QuartTrio:
     def submit(body: dict[str, Any]) -> Job:
         operation = body.get("operation", "infer")
         if operation == "infer":
-            return state.jobs.submit("infer", validate_infer(body), infer_job.run, detach=bool(body.get("detach")))
+            # Checked before the job exists: a bad request is a 400, an unknown node a 404,
+            # a full queue a 503 with Retry-After; nothing has started for any of them.
+            spec = parse_infer_request(body)
+            submit_checks(state.nodes, spec)
+            try:
+                return state.jobs.submit(
+                    "infer", body, state.infer.run, detach=bool(body.get("detach")), spec=spec,
+                    admit=lambda job_id: state.scheduler.admit(job_id, spec.ref.reference),
+                )
+            except QueueFullError:
+                state.metrics.job_finished("infer", "rejected")
+                raise
         if operation == "download":
             return state.jobs.submit("download", validate_download(body), download_job.run, detach=bool(body.get("detach")))
         raise InvalidRequestError(
@@ -143,23 +159,23 @@ def create_app(state: QueenState) -> QuartTrio:
 
     @app.get("/v1/workers")
     async def list_workers() -> dict[str, Any]:
-        # The hives learn idle/busy by polling (about once a second); ask each worker
-        # itself so that a worker that just finished shows idle at once.
-        workers: list[dict[str, Any]] = []
+        # The scheduler's records: what the hives pushed, with this queen's leases as the
+        # busy slots (the one source of worker truth; nobody is probed here).
+        now = state.scheduler.clock()
+        return {"workers": [
+            {
+                "worker_id": w.worker_id, "node": w.node, "model": w.label or w.model.reference,
+                "model_ref": w.model.reference, "sha256": w.model.sha256, "backend": w.backend,
+                "device": w.device, "state": w.state, "slots": {"total": w.slots_total, "busy": len(w.leases)},
+                "memory_bytes": w.memory_bytes, "unload_in_s": w.unload_in(now), "url": w.url,
+            }
+            for w in sorted(state.scheduler.workers.values(), key=lambda w: (w.node, w.worker_id))
+        ]}
 
-        async def refine(hive: Hive, worker: dict[str, Any]) -> None:
-            if worker.get("state") in ("idle", "busy", "full"):
-                url = await hive.reach(worker["url"])
-                worker["state"] = await live_worker_state(state.http, url, worker.get("api_key")) or worker["state"]
-
-        async with trio.open_nursery() as nursery:
-            for hive in state.hives.running():
-                listing = await hive.request("GET", "/v1/workers")
-                for worker in listing.get("workers", []):
-                    worker["node"] = hive.node.name
-                    workers.append(worker)
-                    nursery.start_soon(refine, hive, worker)
-        return {"workers": [{k: v for k, v in w.items() if k != "api_key"} for w in workers]}
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render(request.headers.get("Accept", ""))
+        return Response(body, status=200, content_type=content_type)
 
     @app.post("/v1/workers/shutdown")
     async def shutdown_workers() -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ..client.jobs import error_from_response
 from ..errors import HiveStartError, SshError, WorkerError
 from ..lifetime import ChildProcess
 from ..narration import get_process_sink, jsonlines, narrate, sse
-from ..narration.events import Event, NarrationEvent
+from ..narration.events import Done, Event, NarrationEvent, WorkerChange
 from .asyncio_bridge import AsyncioBridge
 from .nodes import Node
 from .ssh import SshHive
@@ -54,10 +54,8 @@ class Hive:
         self.listeners: list[Callable[[Event], None]] = []
         self.ready = trio.Event()
         self.exited = trio.Event()
-        self.model_refs: dict[str, str] = {}  # requested model -> the hive's model_ref
-        self.in_use: set[str] = set()  # worker ids a job of this queen is using now
-        self.released: set[str] = set()  # worker ids whose last job (ours) has ended
-        self.known: dict[str, dict[str, Any]] = {}  # worker id -> what the hive told us
+        #: What the node offers (``GET /v1/detect``), fetched once the hive is up.
+        self.facts: dict[str, Any] = {}
         self.ssh: SshHive | None = None
         self.child: ChildProcess | None = None
         self._forwards: dict[int, int] = {}  # node port -> local port
@@ -155,8 +153,17 @@ class HiveManager:
     """Starts at most one hive per node, on demand, and stops them all at shutdown."""
 
     def __init__(
-        self, nursery: trio.Nursery, bridge: AsyncioBridge, http: httpx.AsyncClient, run_dir: Path
+        self,
+        nursery: trio.Nursery,
+        bridge: AsyncioBridge,
+        http: httpx.AsyncClient,
+        run_dir: Path,
+        *,
+        on_worker_change: Callable[[str, WorkerChange], None] | None = None,
+        on_hive_gone: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_worker_change = on_worker_change
+        self._on_hive_gone = on_hive_gone
         self._run_dir = run_dir
         self._nursery = nursery
         self._bridge = bridge
@@ -185,11 +192,40 @@ class HiveManager:
                 hive.listeners.append(sink)
             try:
                 await self._nursery.start(self._run_hive, hive)
+                hive.facts = await hive.request("GET", "/v1/detect") or {}
+                # The hive's worker news, read for its whole life: connected before any
+                # job can ask this hive for a worker, so no change is missed.
+                await self._nursery.start(self._read_events, hive)
             finally:
                 if sink is not None:
                     hive.listeners.remove(sink)
             self._hives[node.name] = hive
             return hive
+
+    async def _read_events(self, hive: Hive, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Feed the hive's ``GET /v1/events`` to the scheduler until the hive exits."""
+        started = False
+        try:
+            while not hive.exited.is_set():
+                try:
+                    async with hive.open_sse("/v1/events") as events:
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for event in events:
+                            if isinstance(event, Done):
+                                break
+                            if isinstance(event, WorkerChange) and self._on_worker_change is not None:
+                                self._on_worker_change(hive.node.name, event)
+                except (httpx.TransportError, WorkerError) as exc:
+                    if not started:
+                        raise WorkerError(f"rbee-hive on node {hive.node.name} gave no worker events ({exc})") from None
+                # The stream ended: the hive is exiting (or the connection broke; reconnect).
+                with trio.move_on_after(0.5):
+                    await hive.exited.wait()
+        finally:
+            if self._on_hive_gone is not None:
+                self._on_hive_gone(hive.node.name)
 
     async def _run_hive(self, hive: Hive, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         node = hive.node

@@ -1,158 +1,285 @@
-"""The ``infer`` job: route to a node, schedule a worker, stream its tokens into the job.
+"""The ``infer`` job: validate, place, lease a slot, stream, release.
 
 Steps, each narrated by the queen (actor ``queen-rbee``):
-``route_job`` (which node, its hive started if needed: the hive's startup narration is
-relayed in between), ``infer_start``, ``infer_schedule`` (reuse an idle worker that has
-the model loaded, else ask the hive to spawn one: the worker's startup narration is
-relayed from the hive's narration SSE until it is ready), ``infer_worker``, then the
-worker's inference events (``started``, ``narration``, ``token``*, ``metrics``, ``end``)
-and ``infer_complete``.
 
-Scheduling: a worker whose last job was this queen's and has ended is used at once (no
-round trip to the hive; if it has gone meanwhile, nothing was relayed and the hive is
-asked). Otherwise the hive's ``GET /v1/workers`` gives the candidates; ``hive.in_use``
-keeps two jobs of this queen from sharing a worker.
+1. ``route_job``: the node (the one named, or the scheduler's placement with its reason),
+   its hive started if needed (the hive's startup narration is relayed in between);
+2. ``infer_start``: the model reference resolved by that hive's catalog (canonical
+   reference and sha256: a worker is reused only when its resolved model, backend and
+   device match) and the backend checked against the node's facts;
+3. ``infer_schedule`` / ``infer_queue`` / ``infer_lease``: a slot of a worker serving
+   that want, at once when one is free and nobody waits ahead, else in the want's FIFO
+   ("Waiting for a slot of gemma3-270m on localhost: position 3 of 5", again as it
+   moves). A worker is spawned by the scheduler's rule (no worker yet, or every slot busy
+   and ``--max-workers-per-model`` allows); the spawn runs in the queen's own nursery,
+   not in the job, and its narration goes to every job waiting for it;
+4. ``infer_worker``, the worker's inference events (``started``, ``narration``,
+   ``prefill``*, ``token``*, ``metrics``, ``end``) and ``infer_complete``.
+
+The lease is released on every way out. A worker that answers ``503 full`` (a slot that
+freed a moment late after a cancel) puts the job back at the head of its queue.
 
 Cancellation: leaving the worker's SSE closes that connection (the worker cancels on a
 client disconnect) and a shielded ``DELETE /v1/inference/{job_id}`` makes it explicit, so
-decode stops within one token and the worker is idle again at once.
+decode stops within one token. A job cancelled while it waits leaves its queue and never
+reaches a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import json
+import shlex
+from typing import Any, Callable
 
 import httpx
 import trio
 
 from ..client.jobs import auth_headers, error_from_response
-from ..errors import InvalidRequestError, JobError, WorkerError
+from ..errors import BackendUnavailableError, JobError, RbeeError, WorkerError
 from ..narration import narrate, sse
-from ..narration.events import Done, End, Error, Event, NarrationEvent, Ready
+from ..narration.events import Done, End, Error, Event, NarrationEvent, Ready, Started, Token
+from ..requests import InferRequest
 from .hives import Hive, HiveManager
-from .jobs import Job
-from .nodes import LOCALHOST, NodeRegistry
+from .jobs import Job, JobRegistry
+from .nodes import LOCALHOST, Node, NodeRegistry
+from .placement import NodeView, place
+from .scheduler import ModelIdentity, Scheduler, Slot, Want, WorkerRecord, lease
 
 ACTOR = "queen-rbee"
-#: Sampling fields passed through to the worker as given (the worker validates them).
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
 #: Worker narration actions that mean "loaded and registered with the hive".
 READY_ACTIONS = frozenset({"callback_ready", "ready", "worker_ready"})
-#: After the hive lists the worker as idle, how long the narration relay may still take
-#: to deliver the worker's own "ready" line (keeps the startup narration whole).
+#: After the worker is ready, how long its startup narration may still take to arrive
+#: (keeps the story whole for the jobs that watched the load).
 READY_TAIL_S = 0.5
-POLL_S = 0.1
 CANCEL_GRACE_S = 1.0
+#: A worker that refused with ``503 full``: pause before the job takes the queue's head again.
+REQUEUE_PAUSE_S = 0.05
+#: How often one job may be put back at its queue's head before it fails.
+MAX_REQUEUES = 50
 
 
-class _WorkerGone(Exception):
-    """A worker we remembered refused the request before anything was relayed."""
+class _WorkerFull(Exception):
+    """The worker answered 503 before anything was relayed: back to the queue's head."""
 
 
-def validate_infer(body: dict[str, Any]) -> dict[str, Any]:
-    """Check an ``infer`` request; returns it with defaults, or raises 400 with details."""
-    problems = []
-    for name in ("model", "prompt"):
-        if not isinstance(body.get(name), str) or not body.get(name):
-            problems.append({"field": name, "constraint": "non-empty string", "message": f"{name} is required"})
-    node = body.get("node", LOCALHOST)
-    if not isinstance(node, str) or not node:
-        problems.append({"field": "node", "constraint": "string", "message": "a node name"})
-    if problems:
-        raise InvalidRequestError("invalid infer request: " + ", ".join(p["field"] for p in problems), details=problems)
-    return {**body, "node": node}
+def best_backend(facts: dict[str, Any] | None) -> str:
+    """The node's best backend from its facts (``cuda`` > ``metal`` > ``cpu``)."""
+    names = backend_names(facts)
+    for choice in ("cuda", "metal"):
+        if choice in names:
+            return choice
+    return "cpu"
+
+
+def backend_names(facts: dict[str, Any] | None) -> list[str]:
+    """The backends a node's facts list (``cpu`` always)."""
+    backends = (facts or {}).get("backends") or []
+    names = [b if isinstance(b, str) else b.get("name") for b in backends]
+    return names if "cpu" in names else ["cpu", *names]
+
+
+def check_backend(node: str, facts: dict[str, Any] | None, backend: str, device: int) -> None:
+    """``BackendUnavailableError`` naming the fix when the node lacks that backend or device."""
+    names = backend_names(facts)
+    if backend not in names:
+        raise BackendUnavailableError(
+            f"node {node} has no {backend} backend (it has {', '.join(names)}); choose one of those with"
+            f" --backend, or another node with --node"
+        )
+    if backend == "cpu":
+        if device != 0:
+            raise BackendUnavailableError(f"the cpu backend has one device, 0; not {device}")
+        return
+    devices = [d for d in (facts or {}).get("devices") or [] if d.get("backend") == backend]
+    indices = sorted(int(d.get("index", 0)) for d in devices)
+    if indices and device not in indices:
+        raise BackendUnavailableError(
+            f"node {node} has no {backend} device {device} (it has {', '.join(map(str, indices))});"
+            " choose one with --device"
+        )
 
 
 class InferJob:
-    """Runs one ``infer`` request (``await InferJob(...).run(job)``)."""
+    """Runs ``infer`` jobs (``await infer.run(job)``); owns the spawns it starts."""
 
-    def __init__(self, nodes: NodeRegistry, hives: HiveManager, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        nodes: NodeRegistry,
+        hives: HiveManager,
+        http: httpx.AsyncClient,
+        scheduler: Scheduler,
+        jobs: JobRegistry,
+        spawn_nursery: trio.Nursery,
+        on_finished: Callable[[InferRequest, str, End, float | None], None] | None = None,
+        on_leased: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.nodes = nodes
         self.hives = hives
         self.http = http
+        self.scheduler = scheduler
+        self.jobs = jobs
+        self._spawn_nursery = spawn_nursery
+        #: (node, reference) -> what that node's catalog resolved it to, and by which hive
+        #: (a restarted hive asks again: its catalog may have changed).
+        self._resolved: dict[tuple[str, str], ModelIdentity] = {}
+        self._resolved_by: dict[tuple[str, str], Hive] = {}
+        self._local_facts: dict[str, Any] | None = None
+        self._on_finished = on_finished
+        self._on_leased = on_leased
+
+    # -- the job ----------------------------------------------------------------------------
 
     async def run(self, job: Job) -> None:
         """The job's body; narration and events go to the job's stream."""
-        req = job.request
-        model, node_name = req["model"], req["node"]
-        node = self.nodes.get(node_name)
-        running = self.hives.get(node.name)
-        narrate(
-            ACTOR,
-            "route_job",
-            f"Routing job to node {node.name}"
-            + (" (its rbee-hive is up)" if running else " (starting its rbee-hive)"),
-            target=node.name,
-            node=node.name,
-        )
-        hive = running or await self.hives.ensure(node, job.sink)
-        narrate(ACTOR, "infer_start", f"Inference of {model} starts on node {node.name}", target=model, node=node.name)
-        # Fast path: a worker whose last job was ours and has ended is idle as far as we
-        # know; use it with no round trip to the hive. If it is gone (idle timeout, crash)
-        # nothing was relayed yet, and the hive is asked as usual.
-        worker = self._claim_released(hive, model)
-        if worker is not None:
-            self._narrate_reuse(node.name, model, worker)
-            try:
-                await self._use(job, hive, worker, req, fast=True)
-                return
-            except _WorkerGone as gone:
-                hive.known.pop(worker["worker_id"], None)
-                narrate(ACTOR, "infer_schedule", f"Worker {worker['worker_id']} is no longer available ({gone})",
-                        level="warn", worker_id=worker["worker_id"], node=node.name)
-        worker = await self._idle_worker(hive, model)
-        if worker is not None:
-            self._narrate_reuse(node.name, model, worker)
-        else:
-            narrate(
-                ACTOR,
-                "infer_schedule",
-                f"No idle worker has {model} on {node.name}: asking rbee-hive to spawn one",
-                target=model,
-                node=node.name,
-            )
-            worker = await self._spawn(job, hive, model, req)
-        await self._use(job, hive, worker, req, fast=False)
-
-    def _narrate_reuse(self, node: str, model: str, worker: dict[str, Any]) -> None:
-        narrate(
-            ACTOR,
-            "infer_schedule",
-            f"Reusing idle worker {worker['worker_id']} on {node}: {model} is already loaded",
-            target=model,
-            worker_id=worker["worker_id"],
-            node=node,
-        )
-
-    def _claim_released(self, hive: Hive, model: str) -> dict[str, Any] | None:
-        wanted = {model, hive.model_refs.get(model)}
-        for wid in list(hive.released):
-            worker = hive.known.get(wid)
-            if worker is not None and wid not in hive.in_use and worker.get("model_ref") in wanted:
-                hive.released.discard(wid)
-                hive.in_use.add(wid)
-                return worker
-        return None
-
-    async def _use(self, job: Job, hive: Hive, worker: dict[str, Any], req: dict[str, Any], *, fast: bool) -> None:
-        """Run the inference on a claimed worker; narrate ``infer_worker``/``infer_complete``."""
-        wid, node = worker["worker_id"], hive.node.name
-        released = False
+        req: InferRequest = job.spec
         try:
-            url = await hive.reach(worker["url"])
-            narrate(ACTOR, "infer_worker", f"Worker {wid} is ready at {worker['url']}", target=wid, worker_id=wid, node=node)
-            end = await self._infer(job, url, worker.get("api_key"), req, fast=fast)
-            released = True
-        except trio.Cancelled:
-            released = True  # cancelled and DELETEd on the worker: idle again
-            raise
+            node = await self._route(job, req)
+            hive = self.hives.get(node.name) or await self.hives.ensure(node, job.sink)
+            identity = await self._resolve(hive, req)
+            backend = req.backend or best_backend(hive.facts)
+            device = req.device or 0
+            check_backend(node.name, hive.facts, backend, device)
+            want = Want(identity, node.name, backend, device, label=req.model)
+            narrate(ACTOR, "infer_start",
+                    f"Inference of {req.model} starts on node {node.name} ({backend}:{device})",
+                    target=req.model, node=node.name, model_ref=identity.reference)
+            await self._lease_and_stream(job, req, hive, want)
         finally:
-            hive.in_use.discard(wid)
-            if released:
-                # Our job on it is over: as far as this queen knows it is idle, whatever
-                # the hive's last poll (about once a second) said.
-                hive.released.add(wid)
+            self.scheduler.job_finished(job.job_id)
+
+    async def _route(self, job: Job, req: InferRequest) -> Node:
+        if req.node is not None:
+            node = self.nodes.get(req.node)
+            facts = self._known_facts(node)
+            if req.backend is not None and req.backend != "cpu":
+                # A backend the node lacks fails here, before any hive or worker starts.
+                facts = facts or await self._detect_local(node)
+                check_backend(node.name, facts, req.backend, req.device or 0)
+            reason = "its rbee-hive is up" if self.hives.get(node.name) else "starting its rbee-hive"
+            narrate(ACTOR, "route_job", f"Routing job to node {node.name} ({reason})", target=node.name,
+                    node=node.name)
+            return node
+        views = await self._node_views(req)
+        choice = place(views, backend=req.backend)
+        node = self.nodes.get(choice.node)
+        if req.backend is not None and req.backend != "cpu" and node.is_local and not self._known_facts(node):
+            check_backend(node.name, await self._detect_local(node), req.backend, req.device or 0)
+        narrate(ACTOR, "route_job", f"Routing job to node {node.name}: {choice.reason}", target=node.name,
+                node=node.name, reason=choice.reason)
+        return node
+
+    async def _node_views(self, req: InferRequest) -> list[NodeView]:
+        """What placement may know without starting anything: running hives, cached facts."""
+        reference = req.ref.reference
+        views = []
+        for node in self.nodes.list():
+            hive = self.hives.get(node.name)
+            facts = self._known_facts(node)
+            workers = [w for w in self.scheduler.workers.values() if w.node == node.name]
+            resolved = self._resolved.get((node.name, reference))
+            loaded = [w for w in workers if resolved is not None and w.model.matches(resolved)]
+            on_disk = None
+            if hive is not None and not loaded:
+                on_disk = await self._on_disk(hive, reference)
+            views.append(NodeView(
+                name=node.name,
+                running=hive is not None,
+                backends=tuple(backend_names(facts)) if facts else None,
+                free_slots=sum(w.free_slots for w in loaded),
+                loaded=bool(loaded),
+                on_disk=on_disk,
+                memory_free_bytes=_free_memory(facts),
+                is_local=node.is_local,
+            ))
+        return views
+
+    async def _on_disk(self, hive: Hive, reference: str) -> bool:
+        try:
+            listing = await hive.request("GET", "/v1/models")
+        except RbeeError:
+            return False
+        return any(reference in (m.get("reference"), m.get("alias")) for m in listing.get("models", []))
+
+    def _known_facts(self, node: Node) -> dict[str, Any] | None:
+        hive = self.hives.get(node.name)
+        if hive is not None and hive.facts:
+            return hive.facts
+        if node.detect:
+            return node.detect
+        return self._local_facts if node.is_local else None
+
+    async def _detect_local(self, node: Node) -> dict[str, Any] | None:
+        """``rbee-hive detect`` on this machine, once (a one-shot command, not a daemon)."""
+        if not node.is_local:
+            return node.detect or None
+        if self._local_facts is None:
+            argv = shlex.split(node.rbee_hive_command) + ["detect"]
+            try:
+                done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+                self._local_facts = json.loads(done.stdout) if done.returncode == 0 else None
+            except (OSError, ValueError):
+                self._local_facts = None
+        return self._local_facts
+
+    async def _resolve(self, hive: Hive, req: InferRequest) -> ModelIdentity:
+        """The model's identity from the node's catalog (cached for the hive's life)."""
+        key = (hive.node.name, req.ref.reference)
+        identity = self._resolved.get(key)
+        if identity is None or hive is not self._resolved_by.get(key):
+            answer = await hive.request("POST", "/v1/models/resolve", json={"model": req.ref.reference})
+            identity = ModelIdentity(answer["reference"], answer.get("sha256"))
+            self._resolved[key] = identity
+            self._resolved_by[key] = hive
+        self.scheduler.note_resolved(req.ref.reference, identity)
+        return identity
+
+    async def _lease_and_stream(self, job: Job, req: InferRequest, hive: Hive, want: Want) -> None:
+        node = want.node
+        waited_from = trio.current_time()
+        at_head = False
+        for _ in range(MAX_REQUEUES):
+
+            def on_wait(position: int, length: int) -> None:
+                narrate(ACTOR, "infer_queue",
+                        f"Waiting for a slot of {want.name} on {node}: position {position} of {length}",
+                        target=want.name, node=node, position=position, queue_length=length)
+
+            def start_spawn(w: Want) -> None:
+                narrate(ACTOR, "infer_schedule",
+                        f"No worker of {w.name} on {node} has a free slot: asking rbee-hive to spawn one",
+                        target=w.name, node=node)
+                self._spawn_nursery.start_soon(self._spawn, hive, w)
+
+            async with lease(self.scheduler, job.job_id, want, start_spawn=start_spawn, on_wait=on_wait,
+                             at_head=at_head) as slot:
+                waited = trio.current_time() - waited_from
+                worker = slot.worker
+                narrate(ACTOR, "infer_lease",
+                        f"Slot {len(worker.leases)} of {worker.slots_total} on worker {worker.worker_id}"
+                        f" ({want.name} on {node}) is this job's"
+                        + (f" after {waited:.1f} s in the queue" if waited >= 0.05 else ""),
+                        target=worker.worker_id, worker_id=worker.worker_id, node=node,
+                        queue_wait_ms=round(waited * 1000, 1))
+                if self._on_leased is not None:
+                    self._on_leased(want.name, waited)
+                try:
+                    await self._use(job, req, hive, slot)
+                    return
+                except _WorkerFull:
+                    at_head = True
+            await trio.sleep(REQUEUE_PAUSE_S)
+        raise WorkerError(f"the workers of {want.name} on {node} kept refusing the job as full; retry")
+
+    async def _use(self, job: Job, req: InferRequest, hive: Hive, slot: Slot) -> None:
+        """Stream the inference from the leased worker; narrate ``infer_worker``/``infer_complete``."""
+        worker = slot.worker
+        wid, node = worker.worker_id, worker.node
+        url = await hive.reach(worker.url)
+        narrate(ACTOR, "infer_worker", f"Worker {wid} is ready at {worker.url}", target=wid, worker_id=wid, node=node)
+        end, first_token_s = await self._infer(job, req, url, worker.api_key)
+        if self._on_finished is not None:
+            self._on_finished(req, node, end, first_token_s)
         narrate(
             ACTOR,
             "infer_complete",
@@ -164,131 +291,17 @@ class InferJob:
             tokens_per_sec=end.tokens_per_sec,
         )
 
-    async def _idle_worker(self, hive: Hive, model: str) -> dict[str, Any] | None:
-        """An idle worker with ``model`` loaded, claimed for this job (``hive.in_use``).
-
-        The hive learns idle/busy by polling its workers (about once a second), so a
-        worker it still calls busy may have finished already: one whose last job was
-        ours is taken as idle (``hive.released``), any other is asked directly.
-        Workers this queen's own jobs are using are never candidates, and the claim is
-        made with no await between the last check and it, so two jobs never share one.
-        """
-        listing = await hive.request("GET", "/v1/workers")
-        wanted = {model, hive.model_refs.get(model)}
-        candidates = [
-            w for w in listing.get("workers", [])
-            if (w.get("model_ref") in wanted or w.get("model") in wanted) and w.get("state") in ("idle", "busy")
-        ]
-        candidates.sort(key=lambda w: w.get("state") != "idle")  # idle ones first
-        for worker in candidates:
-            if worker["worker_id"] in hive.in_use:
-                continue
-            wid = worker["worker_id"]
-            if worker.get("state") != "idle" and wid not in hive.released:
-                if await self._live_state(hive, worker) != "idle":
-                    continue
-            if wid not in hive.in_use:
-                hive.in_use.add(wid)
-                hive.released.discard(wid)
-                hive.known[wid] = worker
-                return worker
-        return None
-
-    async def _live_state(self, hive: Hive, worker: dict[str, Any]) -> str | None:
-        """The worker's own answer to ``GET /v1/ready`` (None if it does not answer)."""
-        return await live_worker_state(self.http, await hive.reach(worker["url"]), worker.get("api_key"))
-
-    async def _spawn(self, job: Job, hive: Hive, model: str, req: dict[str, Any]) -> dict[str, Any]:
-        body = {"model": model, "backend": req.get("backend") or _best_backend(hive), "device": int(req.get("device") or 0)}
-        # The spawn request waits while the model is provisioned: the hive narrates the
-        # download on its stdout meanwhile, which we relay live (progress bars). The
-        # worker's narration SSE replays those same events from the spawn on: skip them.
-        relayed: set[tuple[Any, ...]] = set()
-
-        def live(event: Event) -> None:
-            job.sink(event)
-            if isinstance(event, NarrationEvent):
-                relayed.add(_identity(event))
-
-        with hive.listen(live):
-            spawned = await hive.request("POST", "/v1/workers/spawn", json=body)
-        hive.in_use.add(spawned["worker_id"])
-        hive.known[spawned["worker_id"]] = spawned
-        if spawned.get("model_ref"):
-            hive.model_refs[model] = spawned["model_ref"]
-        try:
-            await self._wait_ready(job, hive, spawned, relayed)
-        except BaseException:
-            hive.in_use.discard(spawned["worker_id"])
-            raise
-        return spawned
-
-    async def _wait_ready(self, job: Job, hive: Hive, spawned: dict[str, Any], seen: set[tuple[Any, ...]]) -> None:
-        """Relay the worker's startup narration until the hive lists it idle.
-
-        ``seen`` holds the identities of events already relayed live (skipped here).
-        """
-        worker_id = spawned["worker_id"]
-        said_ready = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def relay() -> None:
-                async with hive.open_sse(f"/v1/workers/{worker_id}/narration") as events:
-                    async for event in events:
-                        if isinstance(event, Done):
-                            return
-                        if isinstance(event, NarrationEvent) and _identity(event) in seen:
-                            continue
-                        job.sink(event)
-                        if isinstance(event, Ready) or (
-                            isinstance(event, NarrationEvent) and event.action in READY_ACTIONS
-                        ):
-                            said_ready.set()
-
-            async def relay_then_stop() -> None:
-                await relay()
-                # The worker's narration ended: it exited. Let the poller report why.
-                said_ready.set()
-
-            nursery.start_soon(relay_then_stop)
-            while True:
-                state = await self._worker_state(hive, worker_id)
-                if state == "idle" or state == "busy":
-                    break
-                if state in (None, "error", "stopped", "exited"):
-                    raise WorkerError(
-                        f"worker {worker_id} on node {hive.node.name} failed to start (state {state});"
-                        " see its narration above"
-                    )
-                with trio.move_on_after(POLL_S):
-                    await said_ready.wait()
-            with trio.move_on_after(READY_TAIL_S):
-                await said_ready.wait()
-            nursery.cancel_scope.cancel()
-
-    async def _worker_state(self, hive: Hive, worker_id: str) -> str | None:
-        listing = await hive.request("GET", "/v1/workers")
-        for worker in listing.get("workers", []):
-            if worker.get("worker_id") == worker_id:
-                return worker.get("state")
-        return None
-
-    async def _infer(self, job: Job, url: str, api_key: str | None, req: dict[str, Any], *, fast: bool) -> End:
-        """Stream one inference from the worker into the job; returns its ``End``.
-
-        With ``fast`` (a worker we did not just look up), a refusal before anything was
-        relayed raises ``_WorkerGone`` so that the caller can ask the hive instead.
-        """
-        body = {"job_id": job.job_id, "prompt": req["prompt"]}
-        body.update({k: req[k] for k in SAMPLING_FIELDS if req.get(k) is not None})
+    async def _infer(self, job: Job, req: InferRequest, url: str, api_key: str | None) -> tuple[End, float | None]:
+        """Stream one inference from the worker into the job; returns its ``End``."""
         headers = auth_headers(api_key)
         try:
-            async with self.http.stream("POST", f"{url}/v1/inference", json=body, headers=headers) as response:
+            async with self.http.stream("POST", f"{url}/v1/inference", json=req.worker_body(job.job_id),
+                                        headers=headers) as response:
                 if response.status_code != 200:
                     await response.aread()
                     error = error_from_response(response)
-                    if fast and response.status_code in (401, 404, 503):
-                        raise _WorkerGone(error.message)
+                    if response.status_code == 503 and error.code == "full":
+                        raise _WorkerFull(error.message)
                     raise error
                 return await self._relay_inference(job, response)
         except trio.Cancelled:
@@ -297,40 +310,128 @@ class InferJob:
                     await self.http.delete(f"{url}/v1/inference/{job.job_id}", headers=headers)
             raise
         except httpx.ConnectError as exc:
-            if fast:
-                raise _WorkerGone(str(exc) or "connection refused") from None
             raise WorkerError(f"the worker at {url} does not answer ({exc})") from None
         except httpx.TransportError as exc:
             raise WorkerError(f"the worker at {url} broke the inference stream ({exc})") from None
 
-    async def _relay_inference(self, job: Job, response: httpx.Response) -> End:
+    async def _relay_inference(self, job: Job, response: httpx.Response) -> tuple[End, float | None]:
         decoder = sse.Decoder()
         end: End | None = None
+        started_at = trio.current_time()
+        first_token_s: float | None = None
         async for chunk in response.aiter_raw():
             for event in decoder.feed(chunk):
                 kind = type(event)
-                if kind is Done:
+                if kind is Token:
+                    if first_token_s is None:
+                        first_token_s = trio.current_time() - started_at
+                elif kind is Done:
                     if end is None:
                         raise WorkerError("the worker ended the inference stream without an end event")
-                    return end
-                if kind is Error:
+                    return end, first_token_s
+                elif kind is Error:
                     raise JobError(event.message, code=event.code)
-                if kind is End:
+                elif kind is End:
                     end = event
+                elif kind is Started:
+                    started_at = trio.current_time()
                 job.sink(event)
         raise WorkerError("the worker's inference stream stopped without [DONE]")
 
+    # -- spawns (in the queen's nursery: they outlive the job that asked) -------------------
 
-async def live_worker_state(http: httpx.AsyncClient, url: str, api_key: str | None) -> str | None:
-    """A worker's state from its own ``GET /v1/ready`` (bounded; None if no answer)."""
-    with trio.move_on_after(CANCEL_GRACE_S):
+    def _watchers(self, want: Want, watchers: set[str]) -> Callable[[Event], None]:
+        """A sink that hands an event to every job waiting for ``want`` (and those that did)."""
+
+        def sink(event: Event) -> None:
+            watchers.update(t.job_id for t in self.scheduler.waiting_tickets(want))
+            for job_id in list(watchers):
+                job = self.jobs.find(job_id)
+                if job is None or job.finished.is_set():
+                    watchers.discard(job_id)
+                    continue
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    job.sink(event)
+
+        return sink
+
+    async def _spawn(self, hive: Hive, want: Want) -> None:
+        """Start a worker for ``want`` on the hive; relay its startup to the waiting jobs."""
+        watchers: set[str] = set()
+        sink = self._watchers(want, watchers)
+        failure: RbeeError | None = None
         try:
-            response = await http.get(f"{url}/v1/ready", headers=auth_headers(api_key))
-            if response.status_code == 200:
-                return response.json().get("state")
-        except (httpx.TransportError, ValueError):
-            pass
-    return None
+            body = {"model": want.model.reference, "backend": want.backend, "device": want.device}
+            # The spawn request waits while the model is provisioned: the hive narrates the
+            # download on its stdout meanwhile, which we relay live (progress bars). The
+            # worker's narration SSE replays those same events from the spawn on: skip them.
+            relayed: set[tuple[Any, ...]] = set()
+
+            def live(event: Event) -> None:
+                sink(event)
+                if isinstance(event, NarrationEvent):
+                    relayed.add(_identity(event))
+
+            with hive.listen(live):
+                spawned = await hive.request("POST", "/v1/workers/spawn", json=body)
+            record = self.scheduler.upsert(WorkerRecord(
+                worker_id=spawned["worker_id"], node=hive.node.name,
+                model=ModelIdentity(spawned.get("model_ref") or want.model.reference,
+                                    spawned.get("sha256") or want.model.sha256),
+                backend=spawned.get("backend", want.backend), device=int(spawned.get("device", want.device)),
+                slots_total=int((spawned.get("slots") or {}).get("total") or 1),
+                url=spawned["url"], api_key=spawned.get("api_key"),
+                memory_bytes=int(spawned.get("memory_bytes") or 0),
+                idle_timeout_s=float(spawned.get("idle_timeout_s") or 0.0), label=want.name,
+            ))
+            await self._relay_startup(hive, record, sink, relayed)
+            if record.state == "gone" or record.worker_id not in self.scheduler.workers:
+                reason = self.scheduler.exit_reasons.get(record.worker_id, "it exited")
+                failure = WorkerError(
+                    f"worker {record.worker_id} for {want.name} on node {hive.node.name} failed to start ({reason});"
+                    " see its narration above"
+                )
+        except RbeeError as exc:
+            failure = exc
+        finally:
+            self.scheduler.spawn_ended(want, failure)
+        if failure is not None:
+            narrate(ACTOR, "spawn_failed", f"No worker for {want.name} on {hive.node.name}: {failure.message}",
+                    level="warn", node=hive.node.name, target=want.name)
+
+    async def _relay_startup(self, hive: Hive, record: WorkerRecord, sink: Callable[[Event], None],
+                             seen: set[tuple[Any, ...]]) -> None:
+        """Relay the worker's narration until the hive's events say it is ready (or gone)."""
+        said_ready = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def relay() -> None:
+                with contextlib.suppress(RbeeError, httpx.TransportError):
+                    async with hive.open_sse(f"/v1/workers/{record.worker_id}/narration") as events:
+                        async for event in events:
+                            if isinstance(event, Done):
+                                break
+                            if isinstance(event, NarrationEvent) and _identity(event) in seen:
+                                continue
+                            sink(event)
+                            if isinstance(event, Ready) or (
+                                isinstance(event, NarrationEvent) and event.action in READY_ACTIONS
+                            ):
+                                said_ready.set()
+                said_ready.set()  # the narration ended: the worker exited
+
+            nursery.start_soon(relay)
+            while record.state == "spawning" and record.worker_id in self.scheduler.workers:
+                await self.scheduler.worker_changed.wait()
+            with trio.move_on_after(READY_TAIL_S):
+                await said_ready.wait()
+            nursery.cancel_scope.cancel()
+
+
+def _free_memory(facts: dict[str, Any] | None) -> int | None:
+    devices = (facts or {}).get("devices") or []
+    values = [d.get("memory_free_bytes") for d in devices if d.get("backend") == "cpu"]
+    return int(values[0]) if values and values[0] is not None else None
 
 
 def _identity(event: NarrationEvent) -> tuple[Any, ...]:
@@ -338,10 +439,8 @@ def _identity(event: NarrationEvent) -> tuple[Any, ...]:
     return (event.actor, event.action, event.human, event.ts_ms, event.worker_id)
 
 
-def _best_backend(hive: Hive) -> str:
-    backends = hive.node.detect.get("backends") or []
-    names = [b if isinstance(b, str) else b.get("name") for b in backends]
-    for choice in ("cuda", "metal"):
-        if choice in names:
-            return choice
-    return "cpu"
+def submit_checks(nodes: NodeRegistry, req: InferRequest) -> None:
+    """What the queen refuses before a job exists: an unknown node (404)."""
+    if req.node is not None and req.node != LOCALHOST:
+        nodes.get(req.node)
+

@@ -45,6 +45,8 @@ class Job:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
     stream_taken: bool = False
+    #: The typed request (``InferRequest`` for ``infer``), checked before the job existed.
+    spec: Any = None
 
     def __post_init__(self) -> None:
         self.send, self.receive = trio.open_memory_channel[Event](math.inf)
@@ -73,20 +75,37 @@ def new_job_id() -> str:
 class JobRegistry:
     """The queen's jobs, each running in the job nursery."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, on_finished: Callable[[Job], None] | None = None) -> None:
         self._nursery = nursery
         self._jobs: dict[str, Job] = {}
+        self._on_finished = on_finished
 
-    def submit(self, operation: str, request: dict[str, Any], runner: JobRunner, *, detach: bool = False) -> Job:
-        """Create a job, narrate ``job_create`` into it and start ``runner(job)``."""
-        job = Job(new_job_id(), operation, request, detach=detach)
+    def submit(
+        self,
+        operation: str,
+        request: dict[str, Any],
+        runner: JobRunner,
+        *,
+        detach: bool = False,
+        spec: Any = None,
+        admit: Callable[[str], None] | None = None,
+    ) -> Job:
+        """Create a job, narrate ``job_create`` into it and start ``runner(job)``.
+
+        ``admit(job_id)`` runs first and may refuse the job (a full queue) by raising:
+        then nothing was created.
+        """
+        job = Job(new_job_id(), operation, request, detach=detach, spec=spec)
+        if admit is not None:
+            admit(job.job_id)
         self._jobs[job.job_id] = job
         with narration_context(job_id=job.job_id, sink=job.sink):
             narrate(
                 ACTOR,
                 "job_create",
                 f"Job {job.job_id} created: {operation}"
-                + (f" of {request.get('model')} on node {request.get('node')}" if request.get("model") else ""),
+                + (f" of {request.get('model')}" if request.get("model") else "")
+                + (f" on node {request.get('node')}" if request.get("node") else ""),
                 target=job.job_id,
             )
             self._nursery.start_soon(self._run, job, runner)
@@ -98,6 +117,10 @@ class JobRegistry:
         if job is None:
             raise NotFoundError(f"no job {job_id!r} on this queen (finished jobs are kept {RETENTION_S:.0f} s)")
         return job
+
+    def find(self, job_id: str) -> Job | None:
+        """The job ``job_id`` if the queen still knows it."""
+        return self._jobs.get(job_id)
 
     def list(self) -> list[Job]:
         """Every job the queen still knows."""
@@ -138,6 +161,8 @@ class JobRegistry:
                         job.state = "completed"
             finally:
                 job.finished.set()
+                if self._on_finished is not None:
+                    self._on_finished(job)
         if not job.stream_taken:
             self._nursery.start_soon(self._forget_later, job)
 

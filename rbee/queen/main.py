@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import cyclopts
 import trio
 
+from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL
 from .server import QueenConfig, serve
 
 app = cyclopts.App(name="queen-rbee", help="The rbee orchestrator: node registry, jobs, scheduling.")
 
 
 @app.default
-def run(*, host: str = "127.0.0.1", port: int = 8080, home: Path | None = None, ping_interval: float = 15.0) -> int:
+def run(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    home: Path | None = None,
+    ping_interval: float = 15.0,
+    max_queue: int | None = None,
+    max_workers_per_model: int = DEFAULT_MAX_WORKERS_PER_MODEL,
+) -> int:
     """Run the queen until SIGTERM, SIGINT or ``POST /v1/shutdown``.
 
     Parameters
@@ -27,8 +37,25 @@ def run(*, host: str = "127.0.0.1", port: int = 8080, home: Path | None = None, 
         State directory (default: $RBEE_HOME or ~/.rbee).
     ping_interval
         Seconds of quiet after which a job stream gets a keep-alive ``: ping``.
+    max_queue
+        Jobs of one model that may wait for a worker slot; more are refused at once with
+        503 and Retry-After (default: $RBEE_MAX_QUEUE, else 64).
+    max_workers_per_model
+        Workers of one model (per node, backend and device) the queen may start; jobs
+        beyond their slots wait in the queue.
     """
-    config = QueenConfig(host=host, port=port, home=home, ping_interval_s=ping_interval, handle_signals=True)
+    if max_queue is None:
+        raw = os.environ.get("RBEE_MAX_QUEUE", "")
+        try:
+            max_queue = int(raw) if raw.strip() else DEFAULT_MAX_QUEUE
+        except ValueError:
+            print(f"queen-rbee: RBEE_MAX_QUEUE must be a whole number, not {raw!r}", file=sys.stderr)
+            return 2
+    if max_queue < 0 or max_workers_per_model < 1:
+        print("queen-rbee: --max-queue must be 0 or more and --max-workers-per-model 1 or more", file=sys.stderr)
+        return 2
+    config = QueenConfig(host=host, port=port, home=home, ping_interval_s=ping_interval, handle_signals=True,
+                         max_queue=max_queue, max_workers_per_model=max_workers_per_model)
     trio.run(serve, config)
     return 0
 

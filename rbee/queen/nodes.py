@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError, NotFoundError
+from ..requests import NODE_NAME_PATTERN
 
 LOCALHOST = "localhost"
 DEFAULT_HIVE_COMMAND = "rbee-hive"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -71,8 +71,8 @@ def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
     """Check a ``POST /v1/nodes`` body; returns the clean fields or raises 400."""
     problems = []
     name = body.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        problems.append({"field": "name", "constraint": "[A-Za-z0-9._-]{1,63}", "message": "a short node name"})
+    if not isinstance(name, str) or not re.fullmatch(NODE_NAME_PATTERN, name):
+        problems.append({"field": "name", "constraint": f"pattern:{NODE_NAME_PATTERN}", "message": "a short node name"})
     elif name == LOCALHOST:
         problems.append({"field": "name", "constraint": "not localhost", "message": "localhost is built in"})
     host = body.get("ssh_host")

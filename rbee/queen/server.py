@@ -27,8 +27,11 @@ from ..paths import rbee_home
 from .app import QueenState, create_app
 from .asyncio_bridge import AsyncioBridge
 from .hives import HiveManager, default_local_hive_command
-from .jobs import JobRegistry
+from .infer import InferJob
+from .jobs import Job, JobRegistry
+from .metrics import QueenMetrics, SchedulerSnapshot, SlotRow
 from .nodes import NodeRegistry
+from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL, Scheduler
 
 ACTOR = "queen-rbee"
 #: How long finished job streams may take to deliver their last bytes at shutdown.
@@ -46,6 +49,8 @@ class QueenConfig:
     local_hive_command: str | None = None  # None: $RBEE_HIVE_COMMAND, else rbee-hive beside our interpreter
     ping_interval_s: float = 15.0
     handle_signals: bool = False  # SIGTERM/SIGINT start a graceful shutdown (the CLI sets it)
+    max_queue: int = DEFAULT_MAX_QUEUE  # jobs of one model that may wait for a slot
+    max_workers_per_model: int = DEFAULT_MAX_WORKERS_PER_MODEL  # copies of one model per node
 
 
 async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -58,14 +63,35 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
     try:
         # Hives and workers are plain HTTP on loopback (or an SSH forward): no TLS setup.
         async with async_client(OUR_DAEMONS) as http, trio.open_nursery() as outer:
-            hives = HiveManager(outer, bridge, http, home / "run")
+            scheduler = Scheduler(max_queue=config.max_queue, max_workers_per_model=config.max_workers_per_model)
+            metrics = QueenMetrics(lambda: SchedulerSnapshot(
+                jobs_queued=scheduler.jobs_queued, jobs_running=scheduler.jobs_running,
+                slots=[SlotRow(c.node, c.model, c.busy, c.total) for c in scheduler.slot_counts()],
+            ))
+            hives = HiveManager(outer, bridge, http, home / "run", on_worker_change=scheduler.apply_change,
+                                on_hive_gone=scheduler.hive_gone)
+
+            def finished(job: Job) -> None:
+                metrics.job_finished(job.operation, job.state)
+
             async with trio.open_nursery() as job_nursery:
+                jobs = JobRegistry(job_nursery, on_finished=finished)
+                infer = InferJob(
+                    nodes, hives, http, scheduler, jobs, outer,
+                    on_finished=lambda req, node, end, first_token_s: metrics.observe_inference(
+                        req.model, node, tokens_out=end.tokens_out, first_token_s=first_token_s,
+                        tokens_per_sec=end.tokens_per_sec),
+                    on_leased=metrics.observe_queue_wait,
+                )
                 state = QueenState(
                     nodes=nodes,
                     hives=hives,
-                    jobs=JobRegistry(job_nursery),
+                    jobs=jobs,
                     http=http,
                     bridge=bridge,
+                    scheduler=scheduler,
+                    infer=infer,
+                    metrics=metrics,
                     api_token=token,
                     ping_interval_s=config.ping_interval_s,
                 )

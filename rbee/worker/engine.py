@@ -24,7 +24,6 @@ event loop (measured in ``benchmarks/bench_worker.py``).
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError, RbeeError
+from rbee.requests import SamplingParams
 from rbee.worker.native_lib import TokenSink, c_string, check, native
 from rbee.worker.native_thread import EngineThread
 
@@ -40,7 +40,6 @@ STOP_REASONS = ("none", "max_tokens", "stop_sequence", "eos", "cancelled")
 #: rbee's backend names and the ggml registry names they stand for.
 _REGISTRIES = {"CPU": "cpu", "CUDA": "cuda", "MTL": "metal", "METAL": "metal"}
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: let llama.cpp pick
-_MAX_STOPS = 16
 #: Streams one engine serves at once when not told otherwise.
 DEFAULT_SLOTS = 4
 #: Prompt tokens evaluated per step (over all streams in prefill). Measured on 2 cores
@@ -48,55 +47,6 @@ DEFAULT_SLOTS = 4
 #: long as ~20 decode steps, so running streams keep flowing while a long prompt is
 #: evaluated, and the prompt throughput is within a few % of 512-token batches.
 DEFAULT_CHUNK = 256
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick tokens; the defaults are llama.cpp's. ``temperature == 0`` is greedy."""
-
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def problems(self) -> list[dict[str, str]]:
-        """Every invalid field as ``{field, constraint, message}`` (empty when all are fine)."""
-        found: list[dict[str, str]] = []
-
-        def bad(field: str, constraint: str, message: str) -> None:
-            found.append({"field": field, "constraint": constraint, "message": message})
-
-        def number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        def integer(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if not integer(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "integer >= 1", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not number(self.temperature) or self.temperature < 0:
-            bad("temperature", "number >= 0", f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not number(self.top_p) or not 0 < self.top_p <= 1:
-            bad("top_p", "0 < top_p <= 1", f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not integer(self.top_k) or self.top_k < 0:
-            bad("top_k", "integer >= 0", f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not number(self.min_p) or not 0 <= self.min_p <= 1:
-            bad("min_p", "0 <= min_p <= 1", f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not number(self.repeat_penalty) or self.repeat_penalty <= 0:
-            bad("repeat_penalty", "number > 0", f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty!r}")
-        if self.seed is not None and (not integer(self.seed) or not 0 <= self.seed < _RANDOM_SEED):
-            bad("seed", f"integer in [0, {_RANDOM_SEED})", f"seed must be null or an integer in [0, {_RANDOM_SEED})")
-        # A NUL cannot cross into C inside a string.
-        stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s and "\0" not in s
-                                                                for s in self.stop)
-        if not stops_ok or len(self.stop) > _MAX_STOPS:
-            bad("stop", f"at most {_MAX_STOPS} non-empty strings without NUL",
-                f"stop must be a list of at most {_MAX_STOPS} non-empty strings")
-        return found
-
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
@@ -389,11 +339,13 @@ class Engine:
 
     @staticmethod
     def _check_request(prompt: str, params: SamplingParams) -> None:
-        problems = params.problems()
+        # The params were checked when they were built (``rbee.requests.SamplingParams``
+        # refuses bad values on construction, and is frozen).
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be rbee.requests.SamplingParams, not {type(params).__name__}")
         if not isinstance(prompt, str):
-            problems.append({"field": "prompt", "constraint": "string", "message": "prompt must be a string"})
-        if problems:
-            raise InvalidRequestError("; ".join(p["message"] for p in problems), details=problems)
+            raise InvalidRequestError("prompt must be a string", details=[
+                {"field": "prompt", "constraint": "type:string", "message": "prompt must be a string"}])
 
     def _generate_params(self, prompt: str, params: SamplingParams, chat: bool, cache_prompt: bool,
                          notify_fd: int) -> tuple[Any, list[Any]]:
@@ -425,9 +377,10 @@ class Engine:
                notify_fd: int = -1, abort: AbortFlag | None = None) -> Request:
         """Queue a request; it joins the running streams at the next step.
 
-        Raises at once: ``InvalidRequestError`` for bad params, ``BusyError`` when all
-        ``n_slots`` are taken. ``notify_fd`` (non-blocking, or -1) gets a byte after every
-        step that gave this request an event (see ``rbee_generate_params.notify_fd``)."""
+        Raises at once: ``InvalidRequestError`` for a prompt that is not a string (``params``
+        were checked when built), ``BusyError`` when all ``n_slots`` are taken.
+        ``notify_fd`` (non-blocking, or -1) gets a byte after every step that gave this
+        request an event (see ``rbee_generate_params.notify_fd``)."""
         self._check_request(prompt, params)
         request = Request(prompt, params, chat=chat, cache_prompt=cache_prompt, notify_fd=notify_fd,
                           on_piece=on_piece, on_prefill=on_prefill, on_finish=on_finish, abort=abort)

@@ -33,9 +33,9 @@ from typing import AsyncIterator
 
 import trio
 
-from rbee.errors import InvalidRequestError
 from rbee.narration.events import Prefill, Token
-from rbee.worker.engine import Engine, GenerationResult, SamplingParams
+from rbee.requests import SamplingParams
+from rbee.worker.engine import Engine, GenerationResult
 
 
 class Generation:
@@ -85,12 +85,10 @@ async def open_generation(engine: Engine, prompt: str, params: SamplingParams, *
                           cache_prompt: bool = True) -> AsyncIterator[Generation]:
     """Submit a generation to ``engine`` and yield its ``Generation``.
 
-    Raises at once (before anything runs): ``InvalidRequestError`` for bad params or a
-    prompt that does not fit one stream's context, ``BusyError`` when every slot is taken.
+    Raises at once (before anything runs): ``InvalidRequestError`` for a prompt that does
+    not fit one stream's context (``params`` were checked when built), ``BusyError`` when
+    every slot is taken.
     """
-    problems = params.problems()
-    if problems:
-        raise InvalidRequestError("; ".join(p["message"] for p in problems), details=problems)
     read_fd, write_fd = os.pipe()
     submitted = False
     try:

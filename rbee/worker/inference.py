@@ -34,6 +34,7 @@ import trio
 
 from ..errors import RbeeError
 from ..narration import DONE, End, Error, Metrics, Prefill, Started, Token, narration_context, sse
+from ..requests import SamplingParams
 from .narrator import Narrator
 from .state import Job, WorkerState
 from .validation import InferenceRequest
@@ -49,10 +50,8 @@ KEEPALIVE_SECONDS = 15.0
 COALESCE_SECONDS = 0.020
 
 
-def sampling_params(request: InferenceRequest) -> Any:
-    """The engine's ``SamplingParams`` for a validated request."""
-    from .engine import SamplingParams  # the native core is loaded only when serving
-
+def sampling_params(request: InferenceRequest) -> SamplingParams:
+    """The ``SamplingParams`` of a validated request."""
     return SamplingParams(
         max_tokens=request.max_tokens,
         temperature=request.temperature,

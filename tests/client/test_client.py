@@ -36,7 +36,9 @@ def queen_url(rbee_home: Path) -> Iterator[str]:
 def test_a_failed_job_yields_its_error_and_ends(queen_url: str) -> None:
     async def main() -> list:
         with trio.fail_after(30):
-            async with open_job_stream(queen_url, {"node": "nowhere", "model": "m", "prompt": "p"}) as job:
+            # A backend this machine lacks: the job fails before any hive starts.
+            request = {"node": "localhost", "model": "gemma3-270m", "prompt": "p", "backend": "cuda"}
+            async with open_job_stream(queen_url, request) as job:
                 assert job.job_id.startswith("job-")
                 events = [event async for event in job]
             assert job.finished
@@ -44,13 +46,13 @@ def test_a_failed_job_yields_its_error_and_ends(queen_url: str) -> None:
 
     events = trio.run(main)
     assert [e.action for e in events if isinstance(e, NarrationEvent)] == ["job_create", "execute_error"]
-    assert isinstance(events[-1], Error) and events[-1].code == "not_found"
+    assert isinstance(events[-1], Error) and events[-1].code == "backend_unavailable"
 
 
 def test_leaving_the_block_early_cancels_the_job(queen_url: str) -> None:
     async def main() -> str:
         with trio.fail_after(30):
-            async with open_job_stream(queen_url, {"node": "stuck", "model": "m", "prompt": "p"}) as job:
+            async with open_job_stream(queen_url, {"node": "stuck", "model": "gemma3-270m", "prompt": "p"}) as job:
                 async for event in job:
                     if isinstance(event, NarrationEvent) and event.action == "route_job":
                         break  # leave while the job still runs
@@ -69,7 +71,7 @@ def test_leaving_the_block_early_cancels_the_job(queen_url: str) -> None:
 def test_submit_then_cancel(queen_url: str) -> None:
     async def main() -> None:
         with trio.fail_after(30):
-            submission = await submit_job(queen_url, {"node": "stuck", "model": "m", "prompt": "p", "detach": True})
+            submission = await submit_job(queen_url, {"node": "stuck", "model": "gemma3-270m", "prompt": "p", "detach": True})
             assert submission.sse_url.endswith("/stream")
             assert await cancel_job(queen_url, submission.job_id) is True
             assert await cancel_job(queen_url, "job-unknown") is False
@@ -89,7 +91,7 @@ def test_errors_are_typed(queen_url: str) -> None:
 
     async def nobody_home() -> None:
         with trio.fail_after(30):
-            await submit_job(dead_url(), {"model": "m", "prompt": "p"})
+            await submit_job(dead_url(), {"model": "gemma3-270m", "prompt": "p"})
 
     with pytest.raises(QueenUnreachableError, match="rbee-keeper queen start"):
         trio.run(nobody_home)
@@ -135,10 +137,10 @@ def test_a_plain_trio_program_drives_a_real_inference(rbee_home: Path) -> None:
         workers: list = []
         for _ in range(40):
             workers = httpx.get(f"{url}/v1/workers").json()["workers"]
-            if workers and workers[0]["state"] == "idle":
+            if workers and workers[0]["state"] == "ready":
                 break
             trio.run(trio.sleep, 0.05)
-        assert [w["state"] for w in workers] == ["idle"]
+        assert [(w["state"], w["slots"]["busy"]) for w in workers] == [("ready", 0)]
     finally:
         proc.stop()
     assert not wait_no_rbee_processes(rbee_home, 15)

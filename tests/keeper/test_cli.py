@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.processes import RbeeProcess, program
-from tests.queen.support import dead_url, keeper_env, wait_no_rbee_processes
+from tests.queen.support import dead_url, keeper_env, rbee_processes, wait_no_rbee_processes
 
 
 def keeper(home: Path, *args: str, queen_url: str | None = None) -> RbeeProcess:
@@ -22,15 +25,52 @@ def test_bad_usage_exits_2(rbee_home: Path) -> None:
         assert "Traceback" not in proc.stderr_text()
 
 
-def test_a_failing_job_exits_1_with_one_line_naming_the_fix(rbee_home: Path) -> None:
-    proc = keeper(rbee_home, "infer", "--node", "mac", "--model", "m", "--prompt", "p")
+def test_an_unknown_node_exits_1_with_one_line_naming_the_fix(rbee_home: Path) -> None:
+    # No queen runs: the keeper reads the node registry itself and starts nothing.
+    proc = keeper(rbee_home, "infer", "--node", "nosuch", "--model", "gemma3-270m", "--prompt", "p")
     assert proc.wait(60) == 1
-    err = proc.stderr_text()
-    assert "Traceback" not in err
-    assert "setup add-node mac" in err and "Failed: infer" in err
+    assert len(proc.stderr_lines) == 1, proc.stderr_text()
+    assert proc.stderr_lines[0].startswith("Error: no node named 'nosuch'")
+    assert "setup add-node nosuch" in proc.stderr_lines[0]
     assert proc.stdout_lines == []
-    # The ephemeral queen it started is gone.
-    assert not wait_no_rbee_processes(rbee_home, 10)
+    assert not (rbee_home / "logs").exists()  # no ephemeral queen was started (nor its log)
+    assert rbee_processes(rbee_home) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--max-tokens", "0"], "max_tokens"),
+        (["--temperature", "-1"], "temperature"),
+        (["--model", "nonsense:x"], "model"),
+    ],
+    ids=["max-tokens-0", "temperature-negative", "model-unknown"],
+)
+def test_a_bad_request_exits_2_at_once_starting_nothing(rbee_home: Path, args: list[str], field: str) -> None:
+    base = {"--model": "gemma3-270m", "--prompt": "hi"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    started = time.monotonic()
+    proc = keeper(rbee_home, "infer", *[x for kv in base.items() for x in kv])
+    assert proc.wait(60) == 2
+    elapsed = time.monotonic() - started
+    assert len(proc.stderr_lines) == 1, proc.stderr_text()
+    line = proc.stderr_lines[0]
+    assert line.startswith("Error: invalid infer request: ") and field in line
+    if field == "model":
+        assert "accepted forms: hf:org/repo" in line
+    assert proc.stdout_lines == []
+    assert list(rbee_home.iterdir()) == []  # nothing started, nothing written
+    assert rbee_processes(rbee_home) == []
+    assert elapsed < 2.0, elapsed
+
+
+def test_the_keepers_entry_point_imports_no_trio() -> None:
+    # Why the exit codes live in rbee/keeper/exit_codes.py and trio is imported late: a
+    # bad command line is refused before the ~0.35 s of trio, httpx and the renderer.
+    code = ("import sys, rbee.keeper.main; "
+            "print(sorted(m for m in ('trio', 'httpx', 'rbee.keeper.run_job') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
 
 
 def test_admin_errors_are_one_line(rbee_home: Path) -> None:
@@ -79,7 +119,7 @@ def test_workers_and_models_commands_on_a_persistent_queen(rbee_home: Path) -> N
         listed = keeper(rbee_home, "workers", "list", queen_url=url)
         assert listed.wait(60) == 0
         rows = [line.split("\t") for line in listed.stdout_lines]
-        assert len(rows) == 1 and rows[0][0] == "localhost" and rows[0][2] == "idle" and rows[0][3] == "gemma3-270m"
+        assert len(rows) == 1 and rows[0][0] == "localhost" and rows[0][2] == "ready" and rows[0][3] == "gemma3-270m"
         assert keeper(rbee_home, "workers", "health", queen_url=url).wait(60) == 0
         models = keeper(rbee_home, "models", "list", "--node", "localhost", queen_url=url)
         assert models.wait(60) == 0 and models.stdout_lines[0].startswith("gemma3-270m\t")

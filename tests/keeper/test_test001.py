@@ -150,8 +150,10 @@ def test_persistent_mode_reuses_the_worker_and_ctrl_c_leaves_it_idle(rbee_home: 
         # The first run loaded a model; the second reused that worker and loaded nothing.
         assert any(e.get("actor") == "llm-worker-rbee" and "load" in e.get("action", "") for e in one)
         assert not any("load" in e.get("action", "") for e in two)
-        schedule = [e for e in two if e.get("action") == "infer_schedule"]
-        assert schedule and schedule[0]["human"].startswith("Reusing idle worker")
+        # No spawn asked: a free slot of the loaded worker was leased at once.
+        assert not [e for e in two if e.get("action") == "infer_schedule"]
+        leases = [e for e in two if e.get("action") == "infer_lease"]
+        assert leases and leases[0]["human"].startswith("Slot 1 of 4 on worker ")
         assert summary(second.stderr_lines)["first_token_ms"] < summary(first.stderr_lines)["first_token_ms"]
         # No ephemeral queen was started: the persistent one did the work.
         assert not any(e.get("action") == "queen_start" for e in one + two)
@@ -171,10 +173,10 @@ def test_persistent_mode_reuses_the_worker_and_ctrl_c_leaves_it_idle(rbee_home: 
         workers: list = []
         while time.monotonic() - sent < 2.0:
             workers = httpx.get(f"{url}/v1/workers").json()["workers"]
-            if workers and all(w["state"] == "idle" for w in workers):
+            if workers and all(w["state"] == "ready" for w in workers):
                 break
             time.sleep(0.05)
-        assert len(workers) == 1 and workers[0]["state"] == "idle", workers
+        assert len(workers) == 1 and workers[0]["state"] == "ready" and workers[0]["slots"]["busy"] == 0, workers
         assert "api_key" not in workers[0]
     finally:
         stop = keeper(rbee_home, "queen", "stop", queen_url=url)

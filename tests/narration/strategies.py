@@ -22,6 +22,7 @@ from rbee.narration.events import (
     Started,
     Token,
     UnknownEvent,
+    WorkerChange,
 )
 from rbee.narration.wire import RESERVED_DATA_KEYS, RESERVED_EXTRA_KEYS
 
@@ -88,6 +89,9 @@ json_value = st.recursive(
 )
 unknown_type = text.filter(lambda t: t not in EVENT_TYPES and t != "done")
 
+WORKER_CHANGES = ("present", "spawned", "ready", "capacity", "exited")
+WORKER_STATES = ("loading", "idle", "busy", "full", "stopping", "exited")
+
 narration_events = st.builds(
     NarrationEvent,
     actor=text,
@@ -124,6 +128,27 @@ events = st.one_of(
         bytes_total=opt_ints,
     ),
     st.builds(Ready, worker_id=opt_text, url=opt_text),
+    st.builds(
+        WorkerChange,
+        change=st.sampled_from(WORKER_CHANGES) | text,
+        worker_id=text,
+        state=st.sampled_from(WORKER_STATES) | text,
+        model_ref=text,
+        sha256=opt_text,
+        backend=text,
+        device=ints,
+        url=text,
+        api_key=opt_text,
+        pid=opt_ints,
+        ctx_size=opt_ints,
+        slots_total=ints,
+        slots_busy=ints,
+        memory_bytes=ints,
+        idle_timeout_s=floats,
+        reason=opt_text,
+        exit_code=opt_ints,
+        ts_ms=opt_ints,
+    ),
     st.builds(
         UnknownEvent, type=unknown_type, data=st.dictionaries(data_key, json_value, max_size=3)
     ),

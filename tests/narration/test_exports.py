@@ -20,6 +20,7 @@ PUBLIC = {
     "Loading": "events",
     "Ready": "events",
     "UnknownEvent": "events",
+    "WorkerChange": "events",
     "Done": "events",
     "DONE": "events",
     "Event": "events",

@@ -63,7 +63,9 @@ def read_stream(url: str, path: str, *, method: str = "GET", body: dict | None =
 
 def test_a_failing_job_streams_narration_then_error_then_done_kept_for_a_late_client(queen) -> None:
     _, url = queen
-    created = httpx.post(f"{url}/v1/jobs", json={"operation": "infer", "node": "nowhere", "model": "m", "prompt": "p"})
+    # A backend this machine lacks: refused by the job before any hive starts.
+    created = httpx.post(f"{url}/v1/jobs", json={"operation": "infer", "node": "localhost", "model": "gemma3-270m",
+                                                 "prompt": "p", "backend": "cuda"})
     assert created.status_code == 201
     job_id = created.json()["job_id"]
     assert created.json()["sse_url"] == f"/v1/jobs/{job_id}/stream"
@@ -74,8 +76,8 @@ def test_a_failing_job_streams_narration_then_error_then_done_kept_for_a_late_cl
     assert [e.action for e in narration] == ["job_create", "execute_error"]
     assert all(e.actor == "queen-rbee" and e.job_id == job_id for e in narration)
     errors = [e for e in events if isinstance(e, Error)]
-    assert errors == [Error(code="not_found", message=errors[0].message)]
-    assert "setup add-node nowhere" in errors[0].message
+    assert errors == [Error(code="backend_unavailable", message=errors[0].message)]
+    assert "no cuda backend" in errors[0].message and "--backend" in errors[0].message
     assert events[-1] is DONE and raw.endswith(b"data: [DONE]\n\n")
     assert raw.index(b"event: error") < raw.index(b"[DONE]")
     # A stream read to its end forgets the job.
@@ -84,7 +86,7 @@ def test_a_failing_job_streams_narration_then_error_then_done_kept_for_a_late_cl
 
 def test_v2_tasks_answers_with_the_stream(queen) -> None:
     _, url = queen
-    events, _ = read_stream(url, "/v2/tasks", method="POST", body={"node": "nowhere", "model": "m", "prompt": "p"})
+    events, _ = read_stream(url, "/v2/tasks", method="POST", body={"model": "gemma3-270m", "prompt": "p", "backend": "cuda"})
     assert [type(e).__name__ for e in events][-2:] == ["Error", "Done"]
 
 
@@ -96,13 +98,17 @@ def test_invalid_requests_are_400_with_details_and_unknown_jobs_404(queen) -> No
     assert fields == {"model", "prompt"} and bad.json()["error"]["code"] == "invalid_request"
     assert httpx.post(f"{url}/v1/jobs", json={"operation": "dance"}).status_code == 400
     assert httpx.post(f"{url}/v1/jobs", content=b"not json").status_code == 400
+    # An unknown node is refused before the job exists, naming the fix.
+    nowhere = httpx.post(f"{url}/v1/jobs", json={"node": "nowhere", "model": "gemma3-270m", "prompt": "p"})
+    assert nowhere.status_code == 404 and "setup add-node nowhere" in nowhere.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/jobs").json()["jobs"] == []
     missing = httpx.delete(f"{url}/v1/jobs/job-nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
 def test_a_quiet_job_gets_pings_and_delete_cancels_it(queen) -> None:
     _, url = queen
-    job = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "m", "prompt": "p", "detach": True}).json()
+    job = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "gemma3-270m", "prompt": "p", "detach": True}).json()
     decoder = sse.Decoder()
     events: list = []
     raw = b""
@@ -127,8 +133,8 @@ def test_a_quiet_job_gets_pings_and_delete_cancels_it(queen) -> None:
 
 def test_a_client_that_goes_away_cancels_its_job_unless_detached(queen) -> None:
     _, url = queen
-    attached = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "m", "prompt": "p"}).json()
-    detached = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "m", "prompt": "p", "detach": True}).json()
+    attached = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "gemma3-270m", "prompt": "p"}).json()
+    detached = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "gemma3-270m", "prompt": "p", "detach": True}).json()
     for job in (attached, detached):
         read_stream(url, job["sse_url"], stop_after=2)  # then hang up
     states = {}
@@ -148,7 +154,7 @@ def test_shutdown_cancels_jobs_and_exits_zero(rbee_home: Path, silent_ssh_port: 
     NodeRegistry(rbee_home / "nodes.db").put(Node(name="stuck", ssh_host="127.0.0.1", ssh_port=silent_ssh_port))
     with start_queen(rbee_home) as proc:
         url = proc.bound_url()
-        job = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "m", "prompt": "p", "detach": True}).json()
+        job = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "gemma3-270m", "prompt": "p", "detach": True}).json()
         if how == "http":
             assert httpx.post(f"{url}/v1/shutdown").status_code == 202
         else:

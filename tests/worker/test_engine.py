@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError
 from rbee.narration.events import Token
+from rbee.requests import SamplingParams
 from rbee.worker.engine import (
     DEFAULT_CHUNK,
     AbortFlag,
     Engine,
     GenerationResult,
-    SamplingParams,
     available_backends,
     native_build_info,
 )
@@ -377,11 +377,14 @@ def test_invalid_requests_are_rejected_with_field_details(engine: Engine) -> Non
     with pytest.raises(InvalidRequestError) as too_many:
         engine.generate("hi", SamplingParams(max_tokens=N_CTX), on_token=lambda i, t: None)
     assert "exceeds the context" in too_many.value.message
+    # Bad params never reach the engine: building them is refused (rbee.requests).
     with pytest.raises(InvalidRequestError) as bad:
-        engine.generate("hi", SamplingParams(max_tokens=0, temperature=-1, top_p=2.0), on_token=lambda i, t: None)
+        SamplingParams(max_tokens=0, temperature=-1, top_p=2.0)
     assert {d["field"] for d in bad.value.details} == {"max_tokens", "temperature", "top_p"}
     for stop in (("",), ("a\x00b",), tuple("abcdefghijklmnopq")):
-        assert [d["field"] for d in SamplingParams(stop=stop).problems()] == ["stop"]
+        with pytest.raises(InvalidRequestError) as bad_stop:
+            SamplingParams(stop=stop)
+        assert [d["field"].split("[")[0] for d in bad_stop.value.details] == ["stop"]
     # The engine is still fine afterwards.
     assert run(engine, PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0))[1].stop_reason == "max_tokens"
 
@@ -470,7 +473,7 @@ def test_open_generation_rejects_bad_requests_before_streaming(engine: Engine) -
                 async with open_generation(engine, "word " * 3000, GREEDY):
                     pass  # pragma: no cover
             with pytest.raises(InvalidRequestError):
-                async with open_generation(engine, "hi", SamplingParams(top_k=-1)):
+                async with open_generation(engine, "hi", SamplingParams(max_tokens=N_CTX)):
                     pass  # pragma: no cover
             async with open_generation(engine, "hi", SamplingParams(max_tokens=1, temperature=0.0)) as gen:
                 assert len([t async for t in gen]) <= 1

@@ -1,0 +1,58 @@
+"""Placement with no process: which node runs a job that names none, and why."""
+
+from __future__ import annotations
+
+import pytest
+
+from rbee.errors import BackendUnavailableError
+from rbee.queen.placement import NodeView, place
+
+LOCAL = NodeView("localhost", running=False, backends=None, is_local=True)
+
+
+def view(name: str, **fields: object) -> NodeView:
+    return NodeView(name, **{"running": True, "backends": ("cpu",), **fields})  # type: ignore[arg-type]
+
+
+def test_with_nothing_running_localhost_is_chosen() -> None:
+    remote = NodeView("blep", running=False, backends=("cpu", "cuda"))
+    choice = place([LOCAL, remote])
+    assert choice.node == "localhost" and "no rbee-hive is running" in choice.reason
+
+
+def test_a_loaded_model_with_a_free_slot_wins() -> None:
+    views = [view("localhost", is_local=True, on_disk=True), view("blep", loaded=True, free_slots=2)]
+    assert place(views).node == "blep"
+
+
+def test_the_model_on_disk_beats_a_node_without_it() -> None:
+    views = [view("localhost", is_local=True, on_disk=False), view("blep", on_disk=True)]
+    choice = place(views)
+    assert choice.node == "blep" and "disk" in choice.reason
+
+
+def test_a_busy_loaded_model_beats_loading_it_from_scratch() -> None:
+    views = [view("localhost", is_local=True, on_disk=False), view("blep", loaded=True, free_slots=0)]
+    choice = place(views)
+    assert choice.node == "blep" and "waits" in choice.reason
+
+
+def test_a_running_hive_beats_one_that_would_have_to_start() -> None:
+    views = [LOCAL, view("blep")]
+    assert place(views).node == "blep"
+
+
+def test_more_free_memory_breaks_a_tie() -> None:
+    views = [view("a", memory_free_bytes=1 << 30), view("b", memory_free_bytes=8 << 30)]
+    assert place(views).node == "b"
+
+
+def test_a_backend_only_another_node_has_starts_that_node() -> None:
+    remote = NodeView("gpu-box", running=False, backends=("cpu", "cuda"))
+    choice = place([LOCAL, remote], backend="cuda")
+    assert choice.node == "gpu-box" and "only node" in choice.reason
+
+
+def test_no_node_with_the_backend_is_one_clear_error() -> None:
+    with pytest.raises(BackendUnavailableError, match="no node offers the metal backend"):
+        place([LOCAL, view("blep")], backend="metal")
