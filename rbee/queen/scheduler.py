@@ -30,6 +30,7 @@ preflight then decides whether the node has the memory.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ DEFAULT_MAX_WORKERS_PER_MODEL = 1
 #: After a failed spawn, how long before the same want may try again (waiting jobs
 #: keep waiting for the existing workers' slots meanwhile).
 SPAWN_RETRY_S = 30.0
+#: A queued job says its new position at most this often.
+POSITION_EVERY_S = 1.0
 #: What a refused client is told to wait before it tries again (``Retry-After``).
 RETRY_AFTER_S = 1
 
@@ -540,11 +543,14 @@ async def lease(
     start_spawn: Callable[[Want], None],
     on_wait: Callable[[int, int], None],
     at_head: bool = False,
+    say_every_s: float = POSITION_EVERY_S,
 ) -> AsyncIterator[Slot]:
     """``async with lease(...) as slot:`` a slot of a worker serving ``want``.
 
     Takes a free slot at once when nobody waits ahead; otherwise waits in the queue,
-    calling ``on_wait(position, length)`` each time its position changes, and
+    calling ``on_wait(position, length)`` when its position changes (at most once per
+    ``say_every_s``: with 200 jobs queued, every release would otherwise tell each of them,
+    tens of thousands of lines that cost the queen and the clients CPU), and
     ``start_spawn(want)`` when a worker must be started (the caller runs the spawn
     elsewhere: it outlives this job if the job goes away). The slot is released on every
     way out, cancellation included; a job cancelled while waiting leaves the queue and
@@ -554,7 +560,7 @@ async def lease(
     if slot is None:
         ticket = scheduler.enqueue(job_id, want, at_head=at_head)
         try:
-            last = -1
+            last, said_at = -1, -math.inf
             while ticket.granted is None:
                 if ticket.failure is not None:
                     raise ticket.failure
@@ -563,11 +569,17 @@ async def lease(
                     start_spawn(want)
                 # Said when the job's place changes (not at every job that joins behind it).
                 position, length = scheduler.position(ticket)
+                wake_at = math.inf
                 if position != last and position > 0:
-                    on_wait(position, length)
-                    last = position
+                    now = trio.current_time()
+                    if now - said_at >= say_every_s:
+                        on_wait(position, length)
+                        last, said_at = position, now
+                    else:
+                        wake_at = said_at + say_every_s  # say the newest place then
                 # Every grant, failure, exit and move of this queue fires it.
-                await scheduler.queue_changed(want).wait()
+                with trio.move_on_at(wake_at):
+                    await scheduler.queue_changed(want).wait()
             slot = ticket.granted
         except BaseException:
             scheduler.withdraw(ticket)

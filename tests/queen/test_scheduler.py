@@ -318,7 +318,7 @@ async def test_lease_waits_narrates_its_position_and_releases() -> None:
 
     async def job(job_id: str, hold: trio.Event) -> None:
         async with lease(scheduler, job_id, WANT, start_spawn=lambda w: pytest.fail("no spawn needed"),
-                         on_wait=lambda p, n: positions.append((job_id, p, n))):
+                         on_wait=lambda p, n: positions.append((job_id, p, n)), say_every_s=0):
             order.append(job_id)
             await hold.wait()
 
@@ -390,3 +390,34 @@ async def test_a_failed_spawn_fails_the_lease() -> None:
                              on_wait=lambda p, n: None):
                 pytest.fail("no worker, no slot")
     assert scheduler.waiting(WANT) == 0
+
+
+@in_trio
+async def test_positions_are_said_at_most_once_per_interval_and_the_newest_at_the_end() -> None:
+    scheduler = Scheduler()
+    scheduler.upsert(record(slots=1))
+    holder = scheduler.try_lease("job-0", WANT)
+    ahead = [scheduler.enqueue(f"job-{n}", WANT) for n in range(1, 4)]
+    said: list[tuple[int, float]] = []
+    start = trio.current_time()
+
+    async def waiter() -> None:
+        async with lease(scheduler, "job-last", WANT, start_spawn=lambda w: None,
+                         on_wait=lambda p, n: said.append((p, trio.current_time() - start)), say_every_s=0.3):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        # Three moves in quick succession: position 4 said at once, then only the newest
+        # (1), once the interval has passed.
+        slot = holder
+        for ticket in ahead[:3]:
+            assert slot is not None
+            scheduler.release(slot)  # the head of the queue takes it
+            await trio.testing.wait_all_tasks_blocked()
+            slot = ticket.granted
+        await trio.sleep(0.5)
+        assert [p for p, _ in said] == [4, 1] and said[1][1] >= 0.3
+        assert slot is not None
+        scheduler.release(slot)
