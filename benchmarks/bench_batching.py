@@ -60,7 +60,7 @@ from typing import Any, Callable
 import httpx
 import trio
 
-from llama_tools import llama_cpp_python_version, llama_server_binary, narrated_bind_url
+from llama_tools import STORY_OPENINGS as OPENINGS, exit_with, llama_cpp_python_version, llama_server_binary, narrated_bind_url
 
 #: Context of one slot in both servers: room for the ~3,000-token prompt and its answer.
 CTX_PER_SLOT = 4096
@@ -80,17 +80,6 @@ PREFIX_TOKENS = 1000
 # once, and a stream without a token has no first-token time.
 PREFIX_SUFFIX = " After that, the two of them walked home together and"
 
-# Story openings after which the base model writes on for well over 128 tokens, greedy.
-OPENINGS = [
-    "Once upon a time, in a small village at the edge of a great forest, there lived",
-    "The old lighthouse keeper climbed the stairs one last time and looked out at",
-    "In the year 2150, the first colony ship arrived at the distant planet, and",
-    "My grandmother always told me that the garden behind her house was special because",
-    "The detective knelt beside the broken window and noticed something strange:",
-    "When the river froze that winter, the children of the town discovered that",
-    "Deep beneath the city, in tunnels that nobody had entered for a hundred years,",
-    "The recipe had been in our family for generations, and every summer we would",
-]
 
 # Plain words for the long prompts: a seeded pick of them gives a text of any length that
 # no server has seen before (a new seed per round, so no cache helps a later round).
@@ -613,12 +602,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    interrupted = False
-    try:
-        code = main()
-    except* KeyboardInterrupt:  # Trio hands it over inside an exception group
-        interrupted = True
-    if interrupted:
-        print("interrupted: the servers it started are stopped", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    exit_with(main, on_interrupt="the servers it started are stopped")

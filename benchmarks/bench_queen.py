@@ -60,7 +60,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from llama_tools import narrated_bind_url
+from llama_tools import STORY_OPENINGS, exit_with, narrated_bind_url
 from rbee.http_client import async_client
 from rbee.narration import sse
 from rbee.narration.events import Done, Error, NarrationEvent, Started, Token
@@ -72,16 +72,7 @@ LEASE_ACTION = "infer_lease"
 RELAY_GOAL_MS = 20.0
 #: How long the queen may take to bind its port.
 START_SECONDS = 60
-PROMPTS = (
-    "Once upon a time, in a small village at the edge of a great forest, there lived",
-    "The old lighthouse keeper climbed the stairs one last time and looked out at",
-    "In the year 2150, the first colony ship arrived at the distant planet, and",
-    "My grandmother always told me that the garden behind her house was special because",
-    "The detective knelt beside the broken window and noticed something strange:",
-    "When the river froze that winter, the children of the town discovered that",
-    "Deep beneath the city, in tunnels that nobody had entered for a hundred years,",
-    "The recipe had been in our family for generations, and every summer we would",
-)
+PROMPTS = STORY_OPENINGS
 
 
 @dataclass
@@ -405,12 +396,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    interrupted = False
-    try:
-        code = main()
-    except* KeyboardInterrupt:  # Trio hands it over inside an exception group
-        interrupted = True
-    if interrupted:
-        print("interrupted: the queen it started is stopped", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    exit_with(main, on_interrupt="the queen it started is stopped")

@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable, NoReturn
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +40,19 @@ _COMMON_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAM
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_CURL=OFF"]
 _SERVER_FLAGS = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"]
 
+
+#: Story openings after which the base model writes on for well over 128 tokens, greedy
+#: (the benchmarks' prompts: long, varied, no shared prefix to cache).
+STORY_OPENINGS = (
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "The old lighthouse keeper climbed the stairs one last time and looked out at",
+    "In the year 2150, the first colony ship arrived at the distant planet, and",
+    "My grandmother always told me that the garden behind her house was special because",
+    "The detective knelt beside the broken window and noticed something strange:",
+    "When the river froze that winter, the children of the town discovered that",
+    "Deep beneath the city, in tunnels that nobody had entered for a hundred years,",
+    "The recipe had been in our family for generations, and every summer we would",
+)
 
 def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rbee"
@@ -151,3 +164,18 @@ def narrated_bind_url(process: "subprocess.Popen[Any]", seconds: float) -> str |
     bound.wait(seconds)
     return found[0] if found else None
 
+
+
+def exit_with(main: Callable[[], int], *, on_interrupt: str) -> NoReturn:
+    """Run a benchmark's ``main`` and exit with its code; Ctrl-C exits 130 after saying
+    ``on_interrupt`` (what ``main``'s cleanup has stopped)."""
+    interrupted = False
+    code = 1
+    try:
+        code = main()
+    except* KeyboardInterrupt:  # Trio hands it over inside an exception group
+        interrupted = True
+    if interrupted:
+        print(f"interrupted: {on_interrupt}", file=sys.stderr)
+        code = 130
+    sys.exit(code)
