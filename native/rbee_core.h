@@ -53,12 +53,14 @@ typedef enum rbee_status {
     RBEE_STATUS_MEMORY_FAILED = 11,      /* llama_memory_seq_rm refused to clear the sequence */
     RBEE_STATUS_DECODE_NO_SLOT = 12,     /* llama_decode returned 1: no KV slot for the batch */
     RBEE_STATUS_DECODE_FAILED = 13,      /* llama_decode returned a negative error */
-    RBEE_STATUS_CALLBACK_FAILED = 14     /* the token callback asked to stop with an error */
+    RBEE_STATUS_CALLBACK_FAILED = 14,    /* the token callback asked to stop with an error */
+    RBEE_STATUS_GRAMMAR_FAILED = 15      /* llama.cpp refused the grammar (llama_sampler_init_grammar gave
+                                          * NULL), or the grammar allows no token where one must follow */
 } rbee_status;
 
 typedef enum rbee_stop_reason {
     RBEE_STOP_NONE = 0,          /* the loop did not finish (an error status was returned) */
-    RBEE_STOP_MAX_TOKENS = 1,
+    RBEE_STOP_MAX_TOKENS = 1,    /* max_tokens generated, or (max_tokens -1) the sequence's context is full */
     RBEE_STOP_SEQUENCE = 2,      /* a stop string appeared; neither it nor what follows was emitted */
     RBEE_STOP_EOS = 3,           /* the model sampled an end-of-generation token (llama_vocab_is_eog) */
     RBEE_STOP_CANCELLED = 4      /* rbee_sequence_cancel (or the one-shot loop's abort flag) */
@@ -120,6 +122,12 @@ typedef struct rbee_model_info {
     char description[128];
 } rbee_model_info;
 
+/* One message of a conversation, as llama_chat_message: NUL-terminated UTF-8 strings. */
+typedef struct rbee_chat_message {
+    const char * role;       /* "system", "user" or "assistant" */
+    const char * content;
+} rbee_chat_message;
+
 rbee_model_params rbee_model_default_params(void);
 
 /* Loads the GGUF at path. On RBEE_STATUS_OK *out is a new model owned by the caller
@@ -133,6 +141,23 @@ rbee_status rbee_model_get_info(const rbee_model * model, rbee_model_info * out)
  * message with the assistant prompt appended). */
 rbee_status rbee_model_count_tokens(const rbee_model * model, const char * text, int32_t text_len,
                                     bool chat, int32_t * n_tokens_out);
+
+/* The chat template chat and messages are rendered with: the GGUF's tokenizer.chat_template,
+ * or (has_chat_template false) the name of llama.cpp's built-in template used instead
+ * ("gemma", "chatml"); a string owned by the model. */
+const char * rbee_model_chat_template(const rbee_model * model);
+
+/* Renders n_messages messages with the model's chat template (llama_chat_apply_template),
+ * with add_ass the assistant's turn opened at the end. Writes at most `length` bytes to buf
+ * (no NUL added) and returns the total bytes of the rendering: call again with a bigger
+ * buffer when that is more than `length`. A negative value is -rbee_status on failure
+ * (RBEE_STATUS_NO_CHAT_TEMPLATE: a template llama.cpp does not know). */
+int32_t rbee_model_apply_chat_template(const rbee_model * model, const rbee_chat_message * messages,
+                                       int32_t n_messages, bool add_ass, char * buf, int32_t length);
+
+/* Whether llama.cpp parses `grammar` (GBNF, start symbol "root") for this model's
+ * vocabulary: RBEE_STATUS_OK or RBEE_STATUS_GRAMMAR_FAILED (rbee_last_error says why). */
+rbee_status rbee_model_check_grammar(const rbee_model * model, const char * grammar);
 
 /* ---- context ------------------------------------------------------------------------ */
 
@@ -174,13 +199,20 @@ void rbee_context_abort(rbee_context * ctx);
 typedef struct rbee_generate_params {
     const char * prompt;       /* UTF-8, prompt_len bytes, need not be NUL-terminated */
     int32_t prompt_len;
-    bool chat;                 /* wrap the prompt in the model's chat template */
-    int32_t max_tokens;        /* >= 1 */
+    bool chat;                 /* wrap the prompt in the model's chat template (one user message) */
+    const rbee_chat_message * messages; /* n_messages > 0: the prompt is this conversation rendered
+                                * with the model's chat template, the assistant's turn opened
+                                * (prompt and chat are then ignored); copied by submit */
+    int32_t n_messages;
+    int32_t max_tokens;        /* >= 1, or -1: until end of generation or the sequence's context is full */
     float temperature;         /* 0 = greedy */
     float top_p;
     int32_t top_k;
     float min_p;
     float repeat_penalty;      /* 1.0 = off */
+    float frequency_penalty;   /* OpenAI's: minus this times the token's count so far; 0 = off */
+    float presence_penalty;    /* OpenAI's: minus this once a token appeared; 0 = off */
+    const char * grammar;      /* GBNF (start symbol "root") the output must follow; NULL or "" = none */
     uint32_t seed;             /* 0xFFFFFFFF (LLAMA_DEFAULT_SEED) = random */
     const char * const * stop; /* n_stop NUL-terminated UTF-8 strings, copied by submit */
     int32_t n_stop;
@@ -195,9 +227,16 @@ typedef struct rbee_generate_params {
 
 rbee_generate_params rbee_generate_default_params(void);
 
-/* Puts a request on a free sequence: tokenizes it (as rbee_model_count_tokens counts),
- * checks that prompt + max_tokens fit n_ctx_seq, copies the stop strings, builds the
- * sampler and picks the free sequence whose cached tokens share the longest prefix with
+/* Number of prompt tokens of a request, exactly as rbee_context_submit feeds them (the
+ * raw prompt, the prompt as one user message with chat, or the rendered messages). */
+rbee_status rbee_model_count_request_tokens(const rbee_model * model, const rbee_generate_params * params,
+                                            int32_t * n_tokens_out);
+
+/* Puts a request on a free sequence: tokenizes it (as rbee_model_count_request_tokens counts),
+ * checks that prompt + max_tokens fit n_ctx_seq (max_tokens -1: that one token fits; it
+ * then may generate until the context is full), copies the stop strings, builds the
+ * sampler (and the grammar sampler, RBEE_STATUS_GRAMMAR_FAILED when llama.cpp refuses the
+ * grammar) and picks the free sequence whose cached tokens share the longest prefix with
  * the prompt (with cache_prompt; among equals, and without it, the one caching least, then
  * the lowest seq_id). The shared cells are
  * kept, the rest of that sequence's cells removed; at least the last prompt token is

@@ -4,6 +4,7 @@
  * llama_decode, rbee_context_generate is the one-shot loop over both. See rbee_core.h.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,16 +21,37 @@ static bool chain_add(struct llama_sampler * chain, struct llama_sampler * s) {
     return true;
 }
 
-/* Builds the request's sampler chain in llama.cpp's usual order. Greedy without a
- * penalty needs no chain: the loop takes the argmax of the logits itself (the same
- * first-maximum rule as llama_sampler_init_greedy, without building a 262k-entry
- * candidate array per token). */
+static bool has_penalty(const rbee_generate_params * p) {
+    return p->repeat_penalty != 1.0f || p->frequency_penalty != 0.0f || p->presence_penalty != 0.0f;
+}
+
+/* Builds the request's sampler chain in llama.cpp's usual order, and its grammar sampler
+ * (beside the chain, see sequence_sample). Greedy without a penalty needs no chain: the
+ * loop takes the argmax of the logits itself (the same first-maximum rule as
+ * llama_sampler_init_greedy, without building a 262k-entry candidate array per token). */
 static rbee_status sequence_build_sampler(rbee_sequence * seq, const rbee_generate_params * p) {
     if (seq->chain != NULL) {
         llama_sampler_free(seq->chain);
         seq->chain = NULL;
     }
-    bool penalty = p->repeat_penalty != 1.0f;
+    if (seq->grammar != NULL) {
+        llama_sampler_free(seq->grammar);
+        seq->grammar = NULL;
+    }
+    if (p->grammar != NULL && p->grammar[0] != '\0') {
+        seq->grammar = llama_sampler_init_grammar(seq->ctx->model->vocab, p->grammar, "root");
+        if (seq->grammar == NULL) {
+            return RBEE_STATUS_GRAMMAR_FAILED; /* llama.cpp logged why (rbee_last_error) */
+        }
+        if (seq->cand == NULL) {
+            int32_t n_vocab = llama_vocab_n_tokens(seq->ctx->model->vocab);
+            seq->cand = malloc((size_t) n_vocab * sizeof(llama_token_data));
+            if (seq->cand == NULL) {
+                return RBEE_STATUS_OUT_OF_MEMORY;
+            }
+        }
+    }
+    bool penalty = has_penalty(p);
     if (p->temperature <= 0.0f && !penalty) {
         return RBEE_STATUS_OK;
     }
@@ -42,7 +64,8 @@ static rbee_status sequence_build_sampler(rbee_sequence * seq, const rbee_genera
     bool ok = true;
     if (penalty) {
         int32_t n_vocab = llama_vocab_n_tokens(seq->ctx->model->vocab);
-        ok = ok && chain_add(seq->chain, llama_sampler_init_penalties(n_vocab, 64, p->repeat_penalty, 0.0f, 0.0f));
+        ok = ok && chain_add(seq->chain, llama_sampler_init_penalties(n_vocab, 64, p->repeat_penalty,
+                                                                       p->frequency_penalty, p->presence_penalty));
     }
     if (p->temperature <= 0.0f) {
         ok = ok && chain_add(seq->chain, llama_sampler_init_greedy());
@@ -58,9 +81,100 @@ static rbee_status sequence_build_sampler(rbee_sequence * seq, const rbee_genera
     return ok ? RBEE_STATUS_OK : RBEE_STATUS_SAMPLER_FAILED;
 }
 
+/* The index of the largest of n values (the first of equals), or -1 when all are -inf. */
+static int32_t argmax_logits(const float * logits, int32_t n) {
+    /* Keep the running maximum in a register: comparing against logits[best] reloads it
+     * every step and costs about 6x more over a 262k vocabulary (~1 ms vs ~0.17 ms a token). */
+    int32_t best = -1;
+    float max = -INFINITY;
+    for (int32_t i = 0; i < n; i++) {
+        if (logits[i] > max) {
+            max = logits[i];
+            best = i;
+        }
+    }
+    return best;
+}
+
+/* The whole vocabulary as candidates with the logits of the row, in seq->cand. */
+static llama_token_data_array sequence_candidates(rbee_sequence * seq, const float * logits) {
+    int32_t n_vocab = llama_vocab_n_tokens(seq->ctx->model->vocab);
+    for (int32_t i = 0; i < n_vocab; i++) {
+        seq->cand[i] = (llama_token_data){.id = i, .logit = logits[i], .p = 0.0f};
+    }
+    return (llama_token_data_array){.data = seq->cand, .size = (size_t) n_vocab, .selected = -1, .sorted = false};
+}
+
+/* Whether the grammar lets `token` come next (the check llama-server's common_sampler_sample
+ * makes on the token the chain picked, before it resamples). */
+static bool grammar_allows(struct llama_sampler * grammar, llama_token token) {
+    llama_token_data one = {.id = token, .logit = 1.0f, .p = 0.0f};
+    llama_token_data_array arr = {.data = &one, .size = 1, .selected = -1, .sorted = false};
+    llama_sampler_apply(grammar, &arr);
+    return arr.data[0].logit != -INFINITY;
+}
+
+/* Sampling under a grammar, as llama-server does it (common/sampling.cpp,
+ * common_sampler_sample without grammar_first): pick a token the usual way (the chain, or
+ * the argmax); only if the grammar refuses it, apply the grammar to every candidate (it sets
+ * the refused ones to -inf) and pick again from what is left. The grammar then accepts the
+ * token (never an end-of-generation one: the grammar allows those only once it is complete,
+ * and the sequence ends there). Applying the grammar to 262k candidates costs far more than
+ * the check of one token, and most tokens pass the check. */
+static rbee_status sequence_sample_grammar(rbee_sequence * seq, const float * logits, llama_token * out) {
+    int32_t n_vocab = llama_vocab_n_tokens(seq->ctx->model->vocab);
+    llama_token token;
+    if (seq->chain != NULL) {
+        llama_token_data_array arr = sequence_candidates(seq, logits);
+        llama_sampler_apply(seq->chain, &arr);
+        if (arr.selected < 0 || (size_t) arr.selected >= arr.size) {
+            return RBEE_STATUS_SAMPLER_FAILED;
+        }
+        token = arr.data[arr.selected].id;
+    } else {
+        token = argmax_logits(logits, n_vocab);
+    }
+    if (token < 0 || !grammar_allows(seq->grammar, token)) {
+        llama_token_data_array arr = sequence_candidates(seq, logits);
+        llama_sampler_apply(seq->grammar, &arr);
+        if (seq->chain != NULL) {
+            llama_sampler_apply(seq->chain, &arr);
+            if (arr.selected < 0 || (size_t) arr.selected >= arr.size || arr.data[arr.selected].logit == -INFINITY) {
+                return RBEE_STATUS_GRAMMAR_FAILED; /* no token the grammar allows */
+            }
+            token = arr.data[arr.selected].id;
+        } else {
+            int32_t best = -1;
+            float max = -INFINITY;
+            for (size_t i = 0; i < arr.size; i++) {
+                if (arr.data[i].logit > max) {
+                    max = arr.data[i].logit;
+                    best = (int32_t) i;
+                }
+            }
+            if (best < 0) {
+                return RBEE_STATUS_GRAMMAR_FAILED;
+            }
+            token = arr.data[best].id;
+        }
+    }
+    if (!llama_vocab_is_eog(seq->ctx->model->vocab, token)) {
+        llama_sampler_accept(seq->grammar, token);
+    }
+    if (seq->chain != NULL) {
+        llama_sampler_accept(seq->chain, token);
+    }
+    *out = token;
+    return RBEE_STATUS_OK;
+}
+
 /* Picks the next token from the logits of batch row `idx`. */
 static rbee_status sequence_sample(rbee_sequence * seq, int32_t idx, llama_token * out) {
     struct llama_context * lctx = seq->ctx->lctx;
+    if (seq->grammar != NULL) {
+        const float * logits = llama_get_logits_ith(lctx, idx);
+        return logits == NULL ? RBEE_STATUS_DECODE_FAILED : sequence_sample_grammar(seq, logits, out);
+    }
     if (seq->chain != NULL) {
         *out = llama_sampler_sample(seq->chain, lctx, idx); /* also accepts the token */
         return *out == LLAMA_TOKEN_NULL ? RBEE_STATUS_SAMPLER_FAILED : RBEE_STATUS_OK;
@@ -69,18 +183,8 @@ static rbee_status sequence_sample(rbee_sequence * seq, int32_t idx, llama_token
     if (logits == NULL) {
         return RBEE_STATUS_DECODE_FAILED;
     }
-    int32_t n_vocab = llama_vocab_n_tokens(seq->ctx->model->vocab);
-    /* Keep the running maximum in a register: comparing against logits[best] reloads it
-     * every step and costs about 6x more over a 262k vocabulary (~1 ms vs ~0.17 ms a token). */
-    int32_t best = 0;
-    float max = logits[0];
-    for (int32_t i = 1; i < n_vocab; i++) {
-        if (logits[i] > max) {
-            max = logits[i];
-            best = i;
-        }
-    }
-    *out = best;
+    int32_t best = argmax_logits(logits, llama_vocab_n_tokens(seq->ctx->model->vocab));
+    *out = best < 0 ? 0 : best; /* all -inf cannot come from a decode; keep the greedy sampler's answer */
     return RBEE_STATUS_OK;
 }
 
@@ -168,9 +272,10 @@ void rbee_context_flush_notify(rbee_context * ctx) {
 }
 
 static rbee_status check_params(const rbee_generate_params * p) {
-    if (p == NULL || p->prompt_len < 0 || (p->prompt == NULL && p->prompt_len > 0) || p->max_tokens < 1 ||
+    if (p == NULL || p->prompt_len < 0 || (p->prompt == NULL && p->prompt_len > 0) ||
+        (p->max_tokens < 1 && p->max_tokens != -1) || p->n_messages < 0 || (p->n_messages > 0 && p->messages == NULL) ||
         !(p->temperature >= 0.0f) || p->n_stop < 0 || (p->n_stop > 0 && p->stop == NULL) ||
-        !(p->repeat_penalty > 0.0f)) {
+        !(p->repeat_penalty > 0.0f) || !isfinite(p->frequency_penalty) || !isfinite(p->presence_penalty)) {
         return RBEE_STATUS_INVALID_ARGUMENT;
     }
     return RBEE_STATUS_OK;
@@ -220,13 +325,16 @@ rbee_status rbee_context_submit(rbee_context * ctx, const rbee_generate_params *
     double t_submit = rbee_now_ms();
     llama_token * tokens = NULL;
     int32_t n_prompt = 0;
-    status = rbee_tokenize_request(ctx->model, p->prompt, p->prompt_len, p->chat, &tokens, &n_prompt);
+    status = rbee_tokenize_request(ctx->model, p, &tokens, &n_prompt);
     if (status != RBEE_STATUS_OK) goto done;
     if (n_prompt == 0) {
         status = RBEE_STATUS_TOKENIZE_FAILED;
         goto done;
     }
-    if ((int64_t) n_prompt + p->max_tokens > (int64_t) ctx->n_ctx_seq) {
+    /* max_tokens -1 (no limit): until end of generation or the sequence's context is full,
+     * so at least one token must fit. */
+    int32_t max_tokens = p->max_tokens > 0 ? p->max_tokens : (int32_t) ctx->n_ctx_seq - n_prompt;
+    if (max_tokens < 1 || (int64_t) n_prompt + max_tokens > (int64_t) ctx->n_ctx_seq) {
         status = RBEE_STATUS_PROMPT_TOO_LONG;
         goto done;
     }
@@ -247,8 +355,8 @@ rbee_status rbee_context_submit(rbee_context * ctx, const rbee_generate_params *
     memcpy(seq->tokens, tokens, (size_t) n_prompt * sizeof(llama_token));
     seq->n_cached = keep;
     seq->n_prompt = n_prompt;
-    seq->max_tokens = p->max_tokens;
-    seq->has_penalty = p->repeat_penalty != 1.0f;
+    seq->max_tokens = max_tokens;
+    seq->has_penalty = has_penalty(p);
     seq->status = RBEE_STATUS_OK;
     seq->error[0] = '\0';
     seq->notify_fd = p->notify_fd;
@@ -331,7 +439,8 @@ static void sequence_advance(rbee_sequence * seq, rbee_event * ev, int32_t * n_e
     llama_token token;
     rbee_status status = sequence_sample(seq, seq->row, &token);
     if (status != RBEE_STATUS_OK) {
-        finish(seq, RBEE_STOP_NONE, status, "sampling failed", ev, n_ev);
+        finish(seq, RBEE_STOP_NONE, status,
+               status == RBEE_STATUS_GRAMMAR_FAILED ? "the grammar allows no token here" : "sampling failed", ev, n_ev);
         return;
     }
     bool eog = llama_vocab_is_eog(vocab, token);
@@ -476,7 +585,8 @@ int32_t rbee_context_step(rbee_context * ctx, rbee_event * ev, int32_t n_events,
             seq->t_prefilled = now;
             seq->result.prefill_ms = now - seq->t_submit;
             if (seq->has_penalty && seq->chain != NULL) {
-                /* The repeat penalty looks back over the prompt too, as llama-server does. */
+                /* The penalties look back over the prompt too, as llama-server does (the
+                 * grammar sees only generated tokens, as there). */
                 for (int32_t j = 0; j < seq->n_prompt; j++) llama_sampler_accept(seq->chain, seq->tokens[j]);
             }
             sequence_advance(seq, ev, &n_ev);

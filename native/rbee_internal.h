@@ -44,8 +44,13 @@ struct rbee_sequence {
     int32_t row;                      /* this step: the batch row whose logits are ours, or -1 */
     int32_t chunk;                    /* this step: prompt tokens of ours in the batch */
     int32_t max_tokens;
-    bool has_penalty;                 /* the chain has a repeat penalty: it must see the prompt */
+    bool has_penalty;                 /* the chain has a penalties sampler: it must see the prompt */
     struct llama_sampler * chain;     /* owned; rebuilt per request; NULL on the greedy fast path */
+    struct llama_sampler * grammar;   /* owned; the request's grammar sampler, or NULL. Kept beside the
+                                       * chain, not in it, as llama-server does (common_sampler's grmr):
+                                       * it sees only generated tokens, and is applied to the whole
+                                       * vocabulary only when the token the chain picked breaks it */
+    llama_token_data * cand;          /* owned: n_vocab candidates, for sampling with a grammar */
     rbee_text_stream text;            /* owned buffers: UTF-8 carry, stop-string holdback */
     char * piece;                     /* owned scratch for llama_token_to_piece */
     int32_t piece_cap;
@@ -78,9 +83,10 @@ double rbee_now_ms(void);
 /* Forgets the last captured llama.cpp error (before a call whose failure we explain). */
 void rbee_clear_last_error(void);
 
-/* Tokenizes request text exactly as a generation feeds it (chat template when asked, BOS
- * as the model wants). On OK *tokens is malloc'd, owned by the caller. */
-rbee_status rbee_tokenize_request(const rbee_model * model, const char * text, int32_t text_len, bool chat,
+/* Tokenizes a request's prompt exactly as a generation feeds it (the messages or, with
+ * chat, the prompt as one user message through the chat template; BOS as the model wants).
+ * On OK *tokens is malloc'd, owned by the caller. */
+rbee_status rbee_tokenize_request(const rbee_model * model, const rbee_generate_params * params,
                                   llama_token ** tokens, int32_t * n_tokens);
 
 #endif /* RBEE_INTERNAL_H */

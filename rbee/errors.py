@@ -1,9 +1,16 @@
 """The one error tree of rbee.
 
 Every error rbee raises on purpose is an ``RbeeError``. Each carries a stable ``code``
-(the ``code`` of the JSON error envelope ``{"error": {"code", "message", "details"}}``)
-and an HTTP status hint, so that a daemon can turn it into a 4xx/5xx answer and the CLI
-into one line on stderr without a traceback.
+(the ``code`` of the JSON error envelope) and an HTTP status hint, so that a daemon can
+turn it into a 4xx/5xx answer and the CLI into one line on stderr without a traceback.
+
+The envelope is OpenAI's error object, a superset of rbee's own ``{code, message,
+details}``: ``{"error": {"message", "type", "param", "code", "details"}}``. ``type`` follows
+the status (``error_type``), ``param`` names the first bad field of ``details``, so that
+OpenAI's clients read every rbee daemon's errors as their own.
+
+An error that crossed a stream as ``{code, message}`` (a job's ``error`` event) gets its
+status back from its code: ``http_status_for_code`` / ``error_for_code``.
 """
 
 from __future__ import annotations
@@ -24,9 +31,21 @@ class RbeeError(Exception):
         if code is not None:
             self.code = code
 
-    def envelope(self) -> dict[str, Any]:
-        """The JSON error envelope of DESIGN.md for this error."""
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+    def envelope(self, status: int | None = None) -> dict[str, Any]:
+        """The JSON error envelope: rbee's ``{code, message, details}`` plus OpenAI's
+        ``type`` (from the HTTP status the answer has: ``status``, else the error's own)
+        and ``param`` (the first bad field, else null)."""
+        if status is None:
+            status = self.http_status
+            if type(self) is RbeeError and "http_status" not in vars(self):
+                status = http_status_for_code(self.code)  # RbeeError(msg, code=...) of another kind
+        return {"error": {
+            "message": self.message,
+            "type": error_type(status),
+            "param": error_param(self.details),
+            "code": self.code,
+            "details": self.details,
+        }}
 
 
 class InvalidRequestError(RbeeError):
@@ -146,3 +165,73 @@ class NodeUnreachableError(SshError):
 
     code = "node_unreachable"
     http_status = 422
+
+
+class ModelNotFoundError(NotFoundError):
+    """No model by that name: not a model reference, or no such file or repository."""
+
+    code = "model_not_found"
+    http_status = 404
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status (its clients pick the exception by status)."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_param(details: Any) -> str | None:
+    """OpenAI's ``param``: the ``field`` of the first detail, when details list fields."""
+    if isinstance(details, list) and details and isinstance(details[0], dict):
+        field = details[0].get("field")
+        if isinstance(field, str) and field and not field.startswith("("):
+            return field
+    return None
+
+
+#: Codes that are raised with ``code=`` on a class of another code (or outside any
+#: class), with the status their answer has.
+_CODE_STATUS_EXTRA = {
+    "cancelled": 503,  # the job was cancelled (DELETE, or the queen shuts down)
+    "shutting_down": 503,
+    "full": 503,
+    "checksum_mismatch": 502,
+    "bind_failed": 500,
+    "method_not_allowed": 405,
+    "payload_too_large": 413,
+    "too_large": 413,
+}
+
+
+def _classes_by_code() -> dict[str, type[RbeeError]]:
+    found: dict[str, type[RbeeError]] = {}
+    todo = list(RbeeError.__subclasses__())
+    while todo:  # breadth first: this module's classes win over later subclasses' codes
+        cls = todo.pop(0)
+        found.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def http_status_for_code(code: str) -> int:
+    """The HTTP status of an error known only by its ``code`` (from a job's ``error``
+    event): the status of the ``RbeeError`` class of that code, else 500."""
+    cls = _classes_by_code().get(code)
+    if cls is not None:
+        return cls.http_status
+    return _CODE_STATUS_EXTRA.get(code, 500)
+
+
+def error_for_code(code: str, message: str, details: Any = None) -> RbeeError:
+    """An ``RbeeError`` of ``code`` whose ``http_status`` is that code's (see above)."""
+    cls = _classes_by_code().get(code, RbeeError)
+    error = cls(message, details=details, code=code)
+    error.http_status = http_status_for_code(code)
+    return error

@@ -55,14 +55,21 @@ def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float) -> Hype
     return hc
 
 
+def error_answer(exc: RbeeError) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The answer of an ``RbeeError``: its envelope, its status and its headers."""
+    headers = {}
+    # A refusal that asks the client to come back says when (RFC 9110 Retry-After).
+    retry_after = exc.details.get("retry_after") if isinstance(exc.details, dict) else None
+    if exc.http_status == 503 and retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if exc.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return exc.envelope(), exc.http_status, headers
+
+
 def answer_rbee_errors_as_envelopes(app: QuartTrio) -> None:
     """Register the handler that turns any ``RbeeError`` into its envelope and status."""
 
     @app.errorhandler(RbeeError)
     async def rbee_error(exc: RbeeError) -> tuple[dict[str, Any], int, dict[str, str]]:
-        headers = {}
-        # A refusal that asks the client to come back says when (RFC 9110 Retry-After).
-        retry_after = exc.details.get("retry_after") if isinstance(exc.details, dict) else None
-        if exc.http_status == 503 and retry_after is not None:
-            headers["Retry-After"] = str(retry_after)
-        return exc.envelope(), exc.http_status, headers
+        return error_answer(exc)

@@ -28,7 +28,14 @@ Rules (the why of the less obvious ones):
 - Unknown fields are ignored, so that a newer client can talk to an older server.
 - An optional field that is absent or ``null`` takes its default; the sampling defaults
   are llama.cpp's (temperature 0.8, top_p 0.95, top_k 40, min_p 0.05, repeat_penalty 1.0,
-  a random seed), ``max_tokens`` 256.
+  presence and frequency penalties 0, a random seed), ``max_tokens`` 256. One exception:
+  ``max_tokens`` absent is 256, but ``null`` (Python ``None``) is *no limit* (OpenAI's
+  absent ``max_tokens``, llama-server's -1: until the end of generation or the context is
+  full); its ``Spec`` says so with ``null_means_unlimited``.
+- The prompt is ``prompt`` (text) or ``messages`` (a conversation the worker renders with
+  the model's chat template): exactly one of them, else one problem naming both.
+- ``response_format`` is OpenAI's, passed on as it is; only its shape is checked here
+  (the worker turns a schema into a grammar, and refuses one it cannot).
 
 Model references (DESIGN.md, State on disk):
 
@@ -153,6 +160,10 @@ MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**32 - 2
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+#: Who may speak in ``messages`` (OpenAI's roles that carry plain text).
+ROLES = ("system", "user", "assistant")
+#: OpenAI's ``response_format.type``s: free text, any JSON object, JSON following a schema.
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 # -- JSON helpers -------------------------------------------------------------------------
 
@@ -203,8 +214,9 @@ def json_type(value: Any) -> str:
 class Spec:
     """What one JSON field of a request is; the dataclass field it describes holds the default.
 
-    ``type`` is a JSON Schema type (``integer``, ``number``, ``string``, ``boolean``) or
-    ``stop`` (stop sequences: an array of strings, or one string). Bounds are JSON Schema's
+    ``type`` is a JSON Schema type (``integer``, ``number``, ``string``, ``boolean``),
+    ``stop`` (stop sequences: an array of strings, or one string), ``messages`` (an array
+    of ``Message`` objects) or ``response_format`` (OpenAI's object). Bounds are JSON Schema's
     ``minimum`` / ``exclusiveMinimum`` / ``maximum``; a value outside them is told
     ``range_message``, except that with ``maximum_message`` the maximum is a limit of the
     implementation, checked and reported on its own.
@@ -212,6 +224,9 @@ class Spec:
 
     type: str
     description: str
+    #: ``null`` (Python ``None``) is a value of its own (no limit), not the default; only
+    #: an absent field takes the default.
+    null_means_unlimited: bool = False
     minimum: int | float | None = None
     exclusive_minimum: int | float | None = None
     maximum: int | float | None = None
@@ -221,6 +236,8 @@ class Spec:
     pattern: str | None = None
     pattern_message: str = ""
     enum: tuple[str, ...] = ()
+    #: A string that may not hold a NUL character (it travels to C as a C string).
+    no_nul: bool = False
 
     def range_constraint(self) -> str:
         """The ``constraint`` of a value out of bounds: ``>=1``, ``in:(0,1]``, ``>0`` ..."""
@@ -258,6 +275,30 @@ def described(default: Any, spec: Spec) -> Any:
 INVALID: Any = type("Invalid", (), {"__repr__": lambda self: "INVALID"})()
 
 
+# -- Message ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message of a conversation: who speaks (``system``, ``user``, ``assistant``) and
+    what they say (plain text; an OpenAI layer flattens text parts before it gets here).
+
+    Constructing one checks it (``InvalidRequestError``).
+    """
+
+    role: str = described(MISSING, Spec(
+        "string", "Who speaks: system, user or assistant.", enum=ROLES))
+    content: str = described(MISSING, Spec(
+        "string", "What they say (text, no NUL character).", no_nul=True))
+
+    def __post_init__(self) -> None:
+        _check_instance(self, "message")
+
+    def as_json(self) -> dict[str, str]:
+        """``{"role", "content"}``."""
+        return {"role": self.role, "content": self.content}
+
+
 # -- SamplingParams -----------------------------------------------------------------------
 
 
@@ -266,12 +307,14 @@ class SamplingParams:
     """How tokens are picked, and when generation stops. ``temperature == 0`` is greedy.
 
     Constructing one checks it (``InvalidRequestError`` listing every bad field) and
-    normalises it: ``None`` takes the default, numbers become ``float``, ``stop`` a tuple.
+    normalises it: ``None`` takes the default (but ``max_tokens=None`` is no limit),
+    numbers become ``float``, ``stop`` a tuple.
     """
 
-    max_tokens: int = described(256, Spec(
-        "integer", "Stop after this many generated tokens.",
-        minimum=1, range_message="max_tokens must be at least 1"))
+    max_tokens: int | None = described(256, Spec(
+        "integer", "Stop after this many generated tokens; null: no limit (until the end of "
+                   "generation or the context is full).",
+        null_means_unlimited=True, minimum=1, range_message="max_tokens must be at least 1"))
     temperature: float = described(0.8, Spec(
         "number", "Sampling temperature; 0 is greedy (always the most likely token).",
         minimum=0, range_message="temperature must be 0 (greedy) or more"))
@@ -288,6 +331,14 @@ class SamplingParams:
     repeat_penalty: float = described(1.0, Spec(
         "number", "Penalty for repeating recent tokens; 1.0 is off.",
         exclusive_minimum=0, range_message="repeat_penalty must be greater than 0 (1.0 = off)"))
+    presence_penalty: float = described(0.0, Spec(
+        "number", "OpenAI's presence penalty: lower the logit of every token that already "
+                  "appeared by this much; 0 is off.",
+        minimum=-2, maximum=2, range_message="presence_penalty must be between -2 and 2 (0 = off)"))
+    frequency_penalty: float = described(0.0, Spec(
+        "number", "OpenAI's frequency penalty: lower the logit of every token by this much "
+                  "times how often it appeared; 0 is off.",
+        minimum=-2, maximum=2, range_message="frequency_penalty must be between -2 and 2 (0 = off)"))
     seed: int | None = described(None, Spec(
         "integer", "Random seed, for repeatable output; null picks one at random.",
         minimum=0, maximum=MAX_SEED, range_message=f"seed must be between 0 and {MAX_SEED}"))
@@ -311,13 +362,19 @@ class InferRequest:
     """One ``infer`` job: which model, what prompt, where, and how to sample.
 
     In JSON the sampling fields sit beside the others (``{"model", "prompt",
-    "max_tokens", ...}``). ``ref`` is ``model`` parsed (``parse_reference``). Constructing
-    one checks it, as ``SamplingParams`` does.
+    "max_tokens", ...}``). The prompt is ``prompt`` (text) or ``messages`` (a conversation,
+    rendered with the model's chat template): exactly one of them. ``ref`` is ``model``
+    parsed (``parse_reference``). Constructing one checks it, as ``SamplingParams`` does;
+    ``messages`` becomes a tuple of ``Message`` (dicts are accepted).
     """
 
     model: str = described(MISSING, Spec(
         "string", f"Model reference: {ACCEPTED_FORMS}.", min_length=1))
-    prompt: str = described(MISSING, Spec("string", "The prompt text.", min_length=1))
+    prompt: str | None = described(None, Spec(
+        "string", "The prompt text; exactly one of prompt and messages.", min_length=1))
+    messages: tuple[Message, ...] | None = described(None, Spec(
+        "messages", "The conversation so far (at least one message), rendered with the model's "
+                    "chat template, the assistant's turn opened; exactly one of prompt and messages."))
     node: str | None = described(None, Spec(
         "string", "The node to run on (localhost, or one added with setup add-node); "
                   "null lets the scheduler place the job.",
@@ -333,7 +390,12 @@ class InferRequest:
     cache_prompt: bool = described(True, Spec(
         "boolean", "Reuse the longest cached prefix of the prompt (prompt caching)."))
     chat: bool = described(False, Spec(
-        "boolean", "Wrap the prompt in the model's chat template."))
+        "boolean", "Wrap the prompt in the model's chat template (as one user message)."))
+    response_format: dict[str, Any] | None = described(None, Spec(
+        "response_format", "OpenAI's response_format: {\"type\": \"text\"} (free text), "
+                           "{\"type\": \"json_object\"} (any JSON object) or {\"type\": \"json_schema\", "
+                           "\"json_schema\": {\"name\", \"schema\", \"strict\"}} (JSON following the schema); "
+                           "null is free text."))
     ref: ModelRef = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -346,17 +408,23 @@ class InferRequest:
         _check_instance(self, "infer request")
 
     def worker_body(self, job_id: str) -> dict[str, Any]:
-        """The JSON body of a worker's ``POST /v1/inference`` for this request."""
-        return {
-            "job_id": job_id,
-            "prompt": self.prompt,
-            **self.sampling.as_json(),
-            "cache_prompt": self.cache_prompt,
-            "chat": self.chat,
-        }
+        """The JSON body of a worker's ``POST /v1/inference`` for this request: ``prompt``
+        or ``messages`` (whichever it has), every sampling field (``max_tokens`` null = no
+        limit), ``cache_prompt``, ``chat`` and, when set, ``response_format``."""
+        body: dict[str, Any] = {"job_id": job_id}
+        if self.messages is not None:
+            body["messages"] = [m.as_json() for m in self.messages]
+        else:
+            body["prompt"] = self.prompt
+        body.update(self.sampling.as_json(), cache_prompt=self.cache_prompt, chat=self.chat)
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
+        return body
 
     def public(self) -> dict[str, Any]:
-        """The request as JSON for logs and listings: the prompt's length, not its text."""
+        """The request as JSON for logs and listings: the prompt's length (the characters of
+        every message's content), not its text; how many messages; the response format's type."""
+        chars = len(self.prompt) if self.prompt is not None else sum(len(m.content) for m in self.messages or ())
         return {
             "model": self.model,
             "reference": self.ref.reference,
@@ -366,7 +434,9 @@ class InferRequest:
             **self.sampling.as_json(),
             "cache_prompt": self.cache_prompt,
             "chat": self.chat,
-            "prompt_chars": len(self.prompt),
+            "prompt_chars": chars,
+            "messages": None if self.messages is None else len(self.messages),
+            "response_format": None if self.response_format is None else self.response_format.get("type"),
         }
 
 
@@ -450,16 +520,31 @@ class FieldProblems:
         return values
 
     def field(self, cls: type, name: str) -> Any:
-        """The checked value of ``cls``'s described field ``name`` (``INVALID`` if bad)."""
+        """The checked value of ``cls``'s described field ``name`` (``INVALID`` if bad).
+
+        Checking ``InferRequest``'s ``messages`` also checks that exactly one of ``prompt``
+        and ``messages`` was given (a problem of ``prompt``'s, naming both).
+        """
         f = _described_field(cls, name)
-        value = _check(self, name, f.metadata["spec"], f.default, self.obj.get(name))
+        value = _check(self, name, f.metadata["spec"], f.default, self.obj.get(name), name in self.obj)
         if name == "model" and cls is InferRequest and isinstance(value, str):
             try:
                 parse_reference(value)
             except InvalidRequestError as exc:
                 self.fail("model", ACCEPTED_FORMS, exc.message)
                 return INVALID
+        if name == "messages" and cls is InferRequest:
+            self._prompt_or_messages()
         return value
+
+    def _prompt_or_messages(self) -> None:
+        has_prompt = self.obj.get("prompt") is not None
+        has_messages = self.obj.get("messages") is not None
+        if has_prompt and has_messages:
+            self.fail("prompt", "one_of:prompt|messages",
+                      "prompt and messages exclude each other: give exactly one of them")
+        elif not has_prompt and not has_messages:
+            self.fail("prompt", "required", "prompt or messages is required (exactly one of them)")
 
 
 def _described_field(cls: type, name: str) -> dataclasses.Field:
@@ -469,14 +554,17 @@ def _described_field(cls: type, name: str) -> dataclasses.Field:
     raise KeyError(f"{cls.__name__} has no described field {name!r}")
 
 
-def _check(problems: FieldProblems, name: str, spec: Spec, default: Any, value: Any) -> Any:
-    """``value`` of field ``name`` checked against ``spec``: normalised, or ``INVALID``."""
+def _check(problems: FieldProblems, name: str, spec: Spec, default: Any, value: Any, present: bool) -> Any:
+    """``value`` of field ``name`` checked against ``spec``: normalised, or ``INVALID``.
+    ``present``: the field is in the object (a ``null`` there, not an absent field)."""
     if value is None:
+        if spec.null_means_unlimited and present:
+            return None
         if default is MISSING:
             problems.fail(name, "required", f"{name} is required")
             return INVALID
         return default
-    or_null = " or null" if default is None else ""
+    or_null = " or null" if default is None or spec.null_means_unlimited else ""
     kind = spec.type
     if kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -502,6 +590,10 @@ def _check(problems: FieldProblems, name: str, spec: Spec, default: Any, value: 
         return _check_string(problems, name, spec, value, or_null)
     elif kind == "stop":
         return _check_stop(problems, name, value)
+    elif kind == "messages":
+        return _check_messages(problems, name, value)
+    elif kind == "response_format":
+        return _check_response_format(problems, name, value)
     if not spec.in_range(value):
         problems.fail(name, spec.range_constraint(), spec.range_message)
         return INVALID
@@ -525,7 +617,67 @@ def _check_string(problems: FieldProblems, name: str, spec: Spec, value: Any, or
         problems.fail(name, "enum:" + "|".join(spec.enum),
                       f"{name} must be one of {', '.join(spec.enum)}, not {value!r}")
         return INVALID
+    if spec.no_nul and "\0" in value:
+        problems.fail(name, "no_nul", f"{name} must not contain a NUL character")
+        return INVALID
     return value
+
+
+def _check_messages(problems: FieldProblems, name: str, messages: Any) -> Any:
+    """An array of at least one ``{"role", "content"}`` object; a tuple of ``Message``."""
+    if not isinstance(messages, (list, tuple)):
+        problems.fail(name, "type:array", f"{name} must be an array of messages, not {json_type(messages)}")
+        return INVALID
+    if not messages:
+        problems.fail(name, "min_items:1", f"{name} must hold at least one message")
+        return INVALID
+    before = len(problems.details)
+    checked = []
+    for n, item in enumerate(messages):
+        where = f"{name}[{n}]"
+        if isinstance(item, Message):
+            checked.append(item)  # checked when it was built
+            continue
+        if not isinstance(item, Mapping):
+            problems.fail(where, "type:object",
+                          f"{where} must be an object with role and content, not {json_type(item)}")
+            continue
+        values = {f.name: _check(problems, f"{where}.{f.name}", f.metadata["spec"], f.default, item.get(f.name),
+                                 f.name in item)
+                  for f in dataclasses.fields(Message)}
+        if INVALID not in values.values():
+            checked.append(Message(**values))
+    return INVALID if len(problems.details) > before else tuple(checked)
+
+
+def _check_response_format(problems: FieldProblems, name: str, value: Any) -> Any:
+    """OpenAI's ``response_format`` shape; the object itself is kept, as it came."""
+    if not isinstance(value, Mapping):
+        problems.fail(name, "type:object", f"{name} must be an object, not {json_type(value)}")
+        return INVALID
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        problems.fail(f"{name}.type", "enum:" + "|".join(RESPONSE_FORMAT_TYPES),
+                      f"{name}.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}, not "
+                      + (repr(kind) if isinstance(kind, str) else json_type(kind)))
+        return INVALID
+    if kind != "json_schema":
+        return value
+    wrapper = value.get("json_schema")
+    where = f"{name}.json_schema"
+    if not isinstance(wrapper, Mapping):
+        problems.fail(where, "type:object", f"{where} must be an object with the schema, not {json_type(wrapper)}")
+        return INVALID
+    before = len(problems.details)
+    if not isinstance(wrapper.get("schema"), Mapping):
+        problems.fail(f"{where}.schema", "type:object",
+                      f"{where}.schema must be a JSON Schema object, not {json_type(wrapper.get('schema'))}")
+    if wrapper.get("name") is not None and not isinstance(wrapper["name"], str):
+        problems.fail(f"{where}.name", "type:string", f"{where}.name must be a string, not {json_type(wrapper['name'])}")
+    if wrapper.get("strict") is not None and not isinstance(wrapper["strict"], bool):
+        problems.fail(f"{where}.strict", "type:boolean",
+                      f"{where}.strict must be true or false, not {json_type(wrapper['strict'])}")
+    return INVALID if len(problems.details) > before else value
 
 
 def _check_stop(problems: FieldProblems, name: str, stop: Any) -> Any:
@@ -574,24 +726,53 @@ _SCHEMA_TYPES = {"integer": "integer", "number": "number", "string": "string", "
 
 
 def json_schema(cls: type) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of ``SamplingParams`` or ``InferRequest`` bodies.
+    """The JSON Schema (draft 2020-12) of ``SamplingParams``, ``InferRequest`` or
+    ``Message`` bodies.
 
     Written from the same field descriptions the checks use: types, defaults, bounds and
-    descriptions. Optional fields accept ``null`` (their default); unknown fields are
-    allowed (ignored).
+    descriptions. Optional fields accept ``null`` (their default; ``max_tokens`` null is
+    no limit); unknown fields are allowed (ignored). ``InferRequest``'s ``oneOf`` says that
+    exactly one of ``prompt`` and ``messages`` is given (not null).
     """
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    _schema_properties(cls, properties, required)
     doc = (cls.__doc__ or "").strip().splitlines()
-    return {
+    schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": cls.__name__,
         "description": doc[0] if doc else cls.__name__,
+        **_object_schema(cls),
+    }
+    if cls is InferRequest:
+        schema["oneOf"] = [
+            {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        ]
+    return schema
+
+
+def _object_schema(cls: type) -> dict[str, Any]:
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    _schema_properties(cls, properties, required)
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": True}
+
+
+def _response_format_schema() -> dict[str, Any]:
+    """OpenAI's ``response_format``: a ``type``, and with ``json_schema`` the schema object."""
+    wrapper = {
         "type": "object",
-        "properties": properties,
-        "required": required,
-        "additionalProperties": True,
+        "properties": {
+            "name": {"type": ["string", "null"]},
+            "schema": {"type": "object"},
+            "strict": {"type": ["boolean", "null"]},
+        },
+        "required": ["schema"],
+    }
+    return {
+        "type": ["object", "null"],
+        "properties": {"type": {"enum": list(RESPONSE_FORMAT_TYPES)}},
+        "required": ["type"],
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"properties": {"json_schema": wrapper}, "required": ["json_schema"]},
     }
 
 
@@ -606,7 +787,11 @@ def _schema_properties(cls: type, properties: dict[str, Any], required: list[str
             continue
         optional = f.default is not MISSING
         prop: dict[str, Any] = {}
-        if spec.type == "stop":
+        if spec.type == "messages":
+            prop.update(type=["array", "null"], minItems=1, items=_object_schema(Message))
+        elif spec.type == "response_format":
+            prop.update(_response_format_schema())
+        elif spec.type == "stop":
             # An array of sequences, or one sequence: each keyword applies to its own type.
             item = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH, "pattern": _NO_NUL}
             prop.update(type=["array", "string", "null"], items=item, maxItems=MAX_STOP_SEQUENCES,
@@ -626,6 +811,8 @@ def _schema_properties(cls: type, properties: dict[str, Any], required: list[str
             prop["minLength"] = spec.min_length
         if spec.pattern is not None:
             prop["pattern"] = spec.pattern
+        if spec.no_nul:
+            prop["pattern"] = _NO_NUL
         if spec.enum:
             prop["enum"] = [*spec.enum, None] if optional else list(spec.enum)
         prop["description"] = spec.description

@@ -250,7 +250,7 @@ async def shutdown_workers(out: Output, node: str | None, worker_id: str | None)
 
 async def list_models(out: Output, node: str) -> int:
     """``models list --node N``: the hive's model catalog."""
-    listing = await call(out, "GET", "/v1/models", params={"node": node})
+    listing = await call(out, "GET", f"/v1/nodes/{node}/models")
     for model in listing.get("models", []):
         if isinstance(model, dict):
             _print_rows([[model.get("reference") or model.get("ref") or model.get("model_ref"), model.get("size") or model.get("size_bytes"), model.get("local_path") or model.get("path")]])

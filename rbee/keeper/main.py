@@ -10,7 +10,7 @@ import importlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import cyclopts
 
@@ -78,7 +78,8 @@ def infer(
     *,
     node: str | None = None,
     model: str,
-    prompt: str,
+    prompt: Annotated[str | None, cyclopts.Parameter(allow_leading_hyphen=True)] = None,
+    chat: bool = False,
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -101,7 +102,10 @@ def infer(
     model
         Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``.
     prompt
-        The prompt text.
+        The prompt text; ``-`` reads it from stdin (all of it, UTF-8). Absent: read from
+        stdin when stdin is not a terminal (``echo hi | rbee-keeper infer ...``).
+    chat
+        Wrap the prompt in the model's chat template, as one user message.
     max_tokens
         Stop after this many tokens (absent: the request default, docs/requests.md).
     temperature
@@ -125,7 +129,15 @@ def infer(
     narration
         How narration is shown on stderr.
     """
-    request: dict[str, Any] = {"operation": "infer", "model": model, "prompt": prompt}
+    try:
+        from_stdin = prompt_from_stdin(prompt, sys.stdin)
+    except PromptUsageError as exc:
+        return _refuse(str(exc), EXIT_USAGE)
+    # A prompt from stdin is read once the rest of the command line passed (a typo is
+    # refused before anyone types or pipes a long prompt); a stand-in meanwhile.
+    request: dict[str, Any] = {"operation": "infer", "model": model, "prompt": "stdin" if from_stdin else prompt}
+    if chat:
+        request["chat"] = True
     optional = {
         "node": node, "max_tokens": max_tokens,
         "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
@@ -140,7 +152,102 @@ def infer(
         return _refuse(exc.message, EXIT_USAGE)
     if node is not None and (unknown := _unknown_node(node)):
         return _refuse(unknown, EXIT_JOB_FAILED)
+    if from_stdin:
+        try:
+            request["prompt"] = read_prompt(sys.stdin)
+            parse_infer_request(request)  # an empty stdin is an empty prompt
+        except PromptUsageError as exc:
+            return _refuse(str(exc), EXIT_USAGE)
+        except InvalidRequestError as exc:
+            return _refuse(exc.message, EXIT_USAGE)
     return trio.run(run_job, request, Output(narration))
+
+
+@app.command(name="chat")
+def chat(
+    *,
+    model: str,
+    node: str | None = None,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    narration: NarrationMode | None = None,
+) -> int:
+    """Chat with a model, turn after turn (like `ollama run`): answers to stdout.
+
+    Type a line at ">>> ": the whole conversation goes to the model, its answer streams
+    back and is remembered. Ctrl-C stops an answer (that question is forgotten too) or
+    clears the line; /clear forgets the conversation; Ctrl-D or /bye leaves. Narration
+    goes to stderr: the first turn shows what it takes (queen, model load), later ones
+    only errors unless --narration is given.
+
+    Parameters
+    ----------
+    model
+        Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``.
+    node
+        The node to run on; absent: the queen places each turn.
+    system
+        A system message that opens the conversation.
+    max_tokens
+        Stop each answer after this many tokens (absent: the request default).
+    temperature
+        Sampling temperature (0 = greedy).
+    seed
+        Random seed, for repeatable answers.
+    narration
+        How narration is shown on stderr (absent: human for the first turn, then quiet).
+    """
+    base: dict[str, Any] = {"operation": "infer", "model": model}
+    optional = {"node": node, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    base.update({k: v for k, v in optional.items() if v is not None})
+    # Refuse a bad request before anything is started: checked with a stand-in question.
+    probe = [{"role": "system", "content": system}] if system is not None else []
+    try:
+        parse_infer_request({**base, "messages": [*probe, {"role": "user", "content": "hi"}]})
+    except InvalidRequestError as exc:
+        return _refuse(exc.message, EXIT_USAGE)
+    if node is not None and (unknown := _unknown_node(node)):
+        return _refuse(unknown, EXIT_JOB_FAILED)
+    from .chat import run_chat
+
+    return run_chat(base, system, narration)
+
+
+class PromptUsageError(Exception):
+    """No prompt to be had (a usage error: exit 2); the message says what to do."""
+
+
+#: What ``infer`` says when it has no prompt and stdin is a terminal.
+NO_PROMPT = "no prompt: pass --prompt TEXT, or pipe one into stdin (--prompt - reads stdin)"
+
+
+def prompt_from_stdin(prompt: str | None, stdin: Any) -> bool:
+    """Whether ``infer``'s prompt is to be read from stdin: for ``--prompt -``, or with no
+    ``--prompt`` when stdin is not a terminal. ``PromptUsageError`` with no ``--prompt``
+    and stdin a terminal (or closed): we do not wait for a prompt nobody was asked for."""
+    if prompt == "-":
+        return True
+    if prompt is not None:
+        return False
+    if stdin is None or stdin.isatty():
+        raise PromptUsageError(NO_PROMPT)
+    return True
+
+
+def read_prompt(stdin: Any) -> str:
+    """All of stdin as UTF-8 text, trailing newlines dropped as the shell's ``$(...)``
+    drops them (``echo hi |`` sends ``hi``); ``PromptUsageError`` if it is not UTF-8."""
+    if stdin is None:
+        raise PromptUsageError(NO_PROMPT)
+    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read()
+    if isinstance(data, str):
+        return data.rstrip("\r\n")
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise PromptUsageError(f"the prompt on stdin is not UTF-8 text (byte {exc.start}); pipe UTF-8") from None
 
 
 def _refuse(message: str, code: int) -> int:

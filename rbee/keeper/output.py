@@ -3,6 +3,10 @@
 Narration goes through the codec's ``NarrationRenderer`` (``[actor] <emoji> human``,
 progress bars for downloads and model loads). Progress lines redraw in place with ``\\r``
 when stderr is a terminal, and are printed one per line otherwise (logs, tests).
+
+When stdout and stderr are both terminals (the same screen, in practice), a narration
+line that comes while generated text is mid-line first ends that line on stdout, so that
+it never reads as the text's continuation (and ``end_text`` then adds no empty line).
 """
 
 from __future__ import annotations
@@ -31,14 +35,22 @@ class Output:
         self.mode = mode
         self.renderer = NarrationRenderer(mode)
         self.tty = sys.stderr.isatty()
+        self._shared_tty = self.tty and sys.stdout.isatty()
         self._progress_open = False
+        self._midline = False  # the generated text on stdout ends mid-line
         self.tokens_printed = 0
+
+    def set_mode(self, mode: str) -> None:
+        """Show narration in ``mode`` from now on (``chat`` goes quiet after its first turn)."""
+        self.mode = mode
+        self.renderer = NarrationRenderer(mode)
 
     def event(self, event: Event) -> None:
         """Render one non-token event on stderr (if the mode shows it)."""
         line = self.renderer.render(event)
         if line is None:
             return
+        self._break_text()
         if self.tty and _is_progress(event):
             sys.stderr.write("\r\x1b[2K" + line)
             self._progress_open = True
@@ -62,24 +74,45 @@ class Output:
         sys.stdout.write(text)
         sys.stdout.flush()
         self.tokens_printed += 1
+        if text:
+            self._midline = not text.endswith("\n")
 
     def end_text(self) -> None:
-        """Finish the generated text with a newline (if any text was printed)."""
-        if self.tokens_printed:
+        """Finish the generated text with a newline (if any text was printed and the line
+        is not already ended); the next text starts afresh."""
+        if self.tokens_printed and (self._midline or not self._shared_tty):
             sys.stdout.write("\n")
             sys.stdout.flush()
+        self.tokens_printed = 0
+        self._midline = False
+
+    def new_line(self) -> None:
+        """End the line on stdout whatever it holds (after a Ctrl-C, which the terminal
+        echoes as ``^C`` where the cursor was); the next text starts afresh."""
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.tokens_printed = 0
+        self._midline = False
 
     def line(self, text: str) -> None:
         """A plain line on stderr (summary, ``Cancelled.``), shown in every mode but json."""
+        self._break_text()
         self._end_progress()
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
     def error(self, message: str) -> None:
         """One error line on stderr: cause and fix, no traceback."""
+        self._break_text()
         self._end_progress()
         sys.stderr.write(f"Error: {message}\n")
         sys.stderr.flush()
+
+    def _break_text(self) -> None:
+        if self._midline and self._shared_tty:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self._midline = False
 
     def _end_progress(self) -> None:
         if self._progress_open:

@@ -1,10 +1,11 @@
-"""The queen's HTTP API (quart-trio): jobs, nodes, workers, models, shutdown.
+"""The queen's HTTP API (quart-trio): jobs, nodes, workers, models, shutdown, and OpenAI's
+API (``openai_api.py``).
 
-Every error leaves as rbee's JSON envelope. Streams are SSE whose body generator reads the
-job's channel: it batches whatever events are ready into one write, sends ``: ping``
-after ``ping_interval_s`` of quiet, and ``data: [DONE]`` when the job's task has ended.
-If the client goes away first (Quart cancels the response and closes the generator), the
-job is cancelled unless it was submitted with ``"detach": true``.
+Every error leaves as rbee's JSON envelope (OpenAI's error object). Streams are SSE whose
+body generator reads the job's channel: it batches whatever events are ready into one
+write, sends ``: ping`` after ``ping_interval_s`` of quiet, and ``data: [DONE]`` when the
+job's task has ended. If the client goes away first (Quart cancels the response and
+closes the generator), the job is cancelled unless it was submitted with ``"detach": true``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import httpx
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
-from ..errors import InvalidRequestError, NotFoundError
+from ..errors import AuthError, InvalidRequestError, NotFoundError, RbeeError
 from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
 from ..narration import narrate, sse
 from .asyncio_bridge import AsyncioBridge
@@ -28,6 +30,7 @@ from .infer import InferJob, submit_checks
 from .jobs import Job, JobRegistry
 from .metrics import QueenMetrics
 from .nodes import Node, NodeRegistry, validate_node_fields
+from .openai_api import register_openai_routes
 from .operations import DownloadJob, validate_download
 from .scheduler import QueueFullError, Scheduler
 from .ssh import probe_node
@@ -58,6 +61,24 @@ def _json_body(body: Any) -> dict[str, Any]:
     return body
 
 
+def submit_infer(state: QueenState, body: dict[str, Any], *, detach: bool = False) -> Job:
+    """Submit an ``infer`` job (``POST /v1/jobs``, ``/v2/tasks`` and OpenAI's routes).
+
+    Checked before the job exists: a bad request is a 400, an unknown node a 404, a full
+    queue a 503 with Retry-After; nothing has started for any of them.
+    """
+    spec = parse_infer_request(body)
+    submit_checks(state.nodes, spec)
+    try:
+        return state.jobs.submit(
+            "infer", body, state.infer.run, detach=detach, spec=spec,
+            admit=lambda job_id: state.scheduler.admit(job_id, spec.ref.reference),
+        )
+    except QueueFullError:
+        state.metrics.job_finished("infer", "rejected")
+        raise
+
+
 def create_app(state: QueenState) -> QuartTrio:
     """The quart-trio app of one queen."""
     # Streams live as long as their job (a model download can take many minutes).
@@ -69,6 +90,12 @@ def create_app(state: QueenState) -> QuartTrio:
     async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
         return NotFoundError(f"no route {request.method} {request.path}").envelope(), 404
 
+    @app.errorhandler(405)
+    async def wrong_method(exc: HTTPException) -> tuple[dict[str, Any], int]:
+        error = RbeeError(f"{request.method} {request.path}: {exc.description}", code="method_not_allowed")
+        error.http_status = 405
+        return error.envelope(), 405
+
     @app.before_request
     async def check_token() -> Any:
         if state.api_token is None or request.path == "/health":
@@ -76,7 +103,8 @@ def create_app(state: QueenState) -> QuartTrio:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {state.api_token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return {"error": {"code": "unauthorized", "message": "missing or wrong bearer token (RBEE_API_TOKEN)", "details": None}}, 401
+            error = AuthError("missing or wrong bearer token (RBEE_API_TOKEN; for OpenAI clients: the api_key)")
+            return error.envelope(), 401, {"WWW-Authenticate": "Bearer"}
         return None
 
     @app.get("/health")
@@ -88,18 +116,7 @@ def create_app(state: QueenState) -> QuartTrio:
     def submit(body: dict[str, Any]) -> Job:
         operation = body.get("operation", "infer")
         if operation == "infer":
-            # Checked before the job exists: a bad request is a 400, an unknown node a 404,
-            # a full queue a 503 with Retry-After; nothing has started for any of them.
-            spec = parse_infer_request(body)
-            submit_checks(state.nodes, spec)
-            try:
-                return state.jobs.submit(
-                    "infer", body, state.infer.run, detach=bool(body.get("detach")), spec=spec,
-                    admit=lambda job_id: state.scheduler.admit(job_id, spec.ref.reference),
-                )
-            except QueueFullError:
-                state.metrics.job_finished("infer", "rejected")
-                raise
+            return submit_infer(state, body, detach=bool(body.get("detach")))
         if operation == "download":
             return state.jobs.submit("download", validate_download(body), download_job.run, detach=bool(body.get("detach")))
         raise InvalidRequestError(
@@ -195,12 +212,16 @@ def create_app(state: QueenState) -> QuartTrio:
             raise NotFoundError(f"no worker {worker_id!r} on the running hives (see `rbee-keeper workers list`)")
         return {"stopped": stopped}
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        node = state.nodes.get(request.args.get("node") or "localhost")
+    @app.get("/v1/nodes/<name>/models")
+    async def node_models(name: str) -> dict[str, Any]:
+        # rbee's own catalog listing of one node (starts its hive if needed); OpenAI's
+        # GET /v1/models (openai_api.py) lists what the running hives have.
+        node = state.nodes.get(name)
         hive = state.hives.get(node.name) or await state.hives.ensure(node)
         listing = await hive.request("GET", "/v1/models")
         return {"node": node.name, **(listing if isinstance(listing, dict) else {"models": listing})}
+
+    register_openai_routes(app, state, lambda body: submit_infer(state, body))
 
     @app.post("/v1/shutdown")
     async def shutdown() -> tuple[dict[str, Any], int]:
@@ -237,4 +258,7 @@ async def _job_events(state: QueenState, job: Job) -> AsyncIterator[bytes]:
         if finished:
             state.jobs.forget(job)
         elif not job.detach and not job.finished.is_set():
+            # The reader is gone: the job is cancelled and nobody's stream any more, so
+            # the registry forgets it some time after it ends.
+            job.stream_taken = False
             job.cancel()

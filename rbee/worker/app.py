@@ -148,10 +148,13 @@ def create_app(state: WorkerState) -> QuartTrio:
         state.check_can_serve()
         engine = state.engine
         req = parse_inference_request(body, n_ctx=engine.n_ctx)
+        if req.grammar is not None:
+            # A 400 before any stream: llama.cpp parses it again when the request starts.
+            engine.check_grammar(req.grammar, field="response_format")
         job = await state.reserve(req.job_id)
         try:
-            count = functools.partial(engine.count_tokens, req.prompt, chat=req.chat)
-            if len(req.prompt) > TOKENIZE_INLINE_CHARS:
+            count = functools.partial(engine.count_tokens, req.source, chat=req.chat)
+            if req.prompt_chars > TOKENIZE_INLINE_CHARS:
                 prompt_tokens = await trio.to_thread.run_sync(count)
             else:
                 prompt_tokens = count()

@@ -6,7 +6,9 @@ maps every ``RBEE_STATUS_*`` to an ``RbeeError`` and frees context → model in 
 
 - ``Engine.submit(prompt, params, on_piece=..., on_prefill=..., on_finish=...)`` queues a
   request and returns its ``Request`` at once; ``Request.cancel()`` (any thread) ends it
-  at the next step. Up to ``n_slots`` requests run together (continuous batching).
+  at the next step. Up to ``n_slots`` requests run together (continuous batching). The
+  prompt is text, or a conversation (a sequence of ``rbee.requests.Message``) that the core
+  renders with the model's chat template; ``grammar=`` (GBNF) constrains the output.
 - ``Engine.generate(...)`` runs one request to its end on an otherwise idle engine
   (blocking; the C one-shot loop: the benchmark's baseline and the simplest use).
 
@@ -28,11 +30,11 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Union
 
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError, RbeeError
-from rbee.requests import SamplingParams
-from rbee.worker.native_lib import TokenSink, c_string, check, native
+from rbee.requests import Message, SamplingParams
+from rbee.worker.native_lib import TokenSink, c_string, check, last_native_error, native
 from rbee.worker.native_thread import EngineThread
 
 #: ``stop_reason`` values, indexed by ``rbee_stop_reason``.
@@ -42,6 +44,8 @@ _REGISTRIES = {"CPU": "cpu", "CUDA": "cuda", "MTL": "metal", "METAL": "metal"}
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: let llama.cpp pick
 #: Streams one engine serves at once when not told otherwise.
 DEFAULT_SLOTS = 4
+#: What a request continues: prompt text, or a conversation rendered with the chat template.
+Prompt = Union[str, Sequence[Message]]
 #: Prompt tokens evaluated per step (over all streams in prefill). Measured on 2 cores
 #: with Gemma-3 270M (benchmarks/bench_batching.py): a 256-token chunk takes about as
 #: long as ~20 decode steps, so running streams keep flowing while a long prompt is
@@ -165,14 +169,16 @@ class Request:
     while the prompt is still being evaluated, and ``on_finish(result, error)`` once
     (exactly one of them is None). ``cancel()`` may be called from any thread."""
 
-    __slots__ = ("prompt", "params", "chat", "cache_prompt", "notify_fd", "on_piece", "on_prefill", "on_finish",
-                 "abort", "result", "error", "done", "_seq", "_cancelled", "_lock")
+    __slots__ = ("prompt", "params", "chat", "cache_prompt", "grammar", "notify_fd", "on_piece", "on_prefill",
+                 "on_finish", "abort", "result", "error", "done", "_seq", "_cancelled", "_lock")
 
-    def __init__(self, prompt: str, params: SamplingParams, *, chat: bool, cache_prompt: bool, notify_fd: int,
+    def __init__(self, prompt: Prompt, params: SamplingParams, *, chat: bool, cache_prompt: bool,
+                 grammar: str | None, notify_fd: int,
                  on_piece: Callable[[int, str], object] | None, on_prefill: Callable[[int, int], object] | None,
                  on_finish: Callable[[GenerationResult | None, BaseException | None], object] | None,
                  abort: AbortFlag | None) -> None:
         self.prompt, self.params, self.chat, self.cache_prompt = prompt, params, chat, cache_prompt
+        self.grammar = grammar
         self.notify_fd = notify_fd
         self.on_piece, self.on_prefill, self.on_finish = on_piece, on_prefill, on_finish
         self.abort = abort
@@ -314,23 +320,78 @@ class Engine:
             raise InvalidRequestError("the engine is closed")
         return self._model, self._context
 
-    def count_tokens(self, text: str, *, chat: bool = False) -> int:
-        """How many prompt tokens ``text`` becomes (BOS and chat template included)."""
+    @property
+    def chat_template(self) -> str:
+        """The chat template ``chat`` and messages are rendered with: the GGUF's
+        ``tokenizer.chat_template``, or, when it has none (``chat_template_builtin``), the
+        name of llama.cpp's built-in template used instead (``gemma``, else ``chatml``)."""
+        model, _ = self._handles()
+        return c_string(native().lib.rbee_model_chat_template(model))
+
+    @property
+    def chat_template_builtin(self) -> bool:
+        """True when the GGUF has no chat template and llama.cpp's built-in one is used."""
         ffi, lib = native().ffi, native().lib
         model, _ = self._handles()
-        data = text.encode("utf-8")
+        info = ffi.new("rbee_model_info *")
+        check(lib.rbee_model_get_info(model, info), "rbee_model_get_info")
+        return not info.has_chat_template
+
+    def render_chat(self, messages: Sequence[Message], *, add_assistant: bool = True) -> str:
+        """``messages`` rendered with the model's chat template, as a request with these
+        messages is tokenized (``add_assistant``: the assistant's turn opened at the end)."""
+        ffi, lib = native().ffi, native().lib
+        model, _ = self._handles()
+        self._check_request(tuple(messages), DEFAULT_PARAMS)
+        array, keep = _message_array(messages)
+        size = 256
+        for _ in range(2):
+            buf = ffi.new("char[]", size)
+            n = lib.rbee_model_apply_chat_template(model, array, len(messages), add_assistant, buf, size)
+            if n < 0:
+                check(-n, "rbee_model_apply_chat_template", details=[_CHAT_PROBLEM["messages"]])
+            if n <= size:
+                return ffi.unpack(buf, n).decode("utf-8")
+            size = n
+        raise AssertionError("the rendering grew between two calls")
+
+    def check_grammar(self, grammar: str, *, field: str = "grammar") -> None:
+        """``InvalidRequestError`` naming ``field`` unless llama.cpp parses ``grammar`` (GBNF,
+        start symbol ``root``) for this model's vocabulary."""
+        ffi, lib = native().ffi, native().lib
+        model, _ = self._handles()
+        if "\0" in grammar:
+            raise InvalidRequestError(f"{field}: the grammar contains a NUL character", details=[
+                {"field": field, "constraint": "gbnf", "message": "the grammar contains a NUL character"}])
+        status = lib.rbee_model_check_grammar(model, ffi.new("char[]", grammar.encode("utf-8")))
+        if status != 0:
+            why = last_native_error() or "llama.cpp refused it"
+            raise InvalidRequestError(f"{field}: llama.cpp cannot parse the grammar: {why}", details=[
+                {"field": field, "constraint": "gbnf", "message": f"llama.cpp cannot parse the grammar: {why}"}])
+
+    def count_tokens(self, text: Prompt, *, chat: bool = False) -> int:
+        """How many prompt tokens ``text`` becomes (BOS and chat template included); ``text``
+        may be a conversation (a sequence of ``Message``), rendered with the chat template."""
+        ffi, lib = native().ffi, native().lib
+        model, _ = self._handles()
+        self._check_request(text, DEFAULT_PARAMS)
+        gp, keep = self._generate_params(text, DEFAULT_PARAMS, chat, True, None, -1)
         n = ffi.new("int32_t *")
-        chat_problem = {"field": "chat", "constraint": "a chat template llama.cpp knows",
-                        "message": "cannot apply the model's chat template"}
-        check(lib.rbee_model_count_tokens(model, data, len(data), chat, n), "rbee_model_count_tokens",
-              details=[chat_problem] if chat else None)
+        problem = None if isinstance(text, str) and not chat else _CHAT_PROBLEM["chat" if isinstance(text, str) else
+                                                                                  "messages"]
+        check(lib.rbee_model_count_request_tokens(model, gp, n), "rbee_model_count_request_tokens",
+              details=[problem] if problem else None)
+        del keep
         return n[0]
 
     def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
-        """``InvalidRequestError`` unless prompt + ``max_tokens`` fit one stream's context."""
-        if prompt_tokens + params.max_tokens > self._n_ctx:
+        """``InvalidRequestError`` unless prompt + ``max_tokens`` fit one stream's context
+        (``max_tokens`` None: unless the prompt leaves room for one token)."""
+        wanted = 1 if params.max_tokens is None else params.max_tokens
+        if prompt_tokens + wanted > self._n_ctx:
+            limit = "no limit" if params.max_tokens is None else str(params.max_tokens)
             raise InvalidRequestError(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({limit}) "
                 f"exceeds the context ({self._n_ctx})",
                 details=[{"field": "max_tokens", "constraint": f"prompt_tokens + max_tokens <= {self._n_ctx}",
                           "message": f"the prompt is {prompt_tokens} tokens; at most "
@@ -338,29 +399,48 @@ class Engine:
             )
 
     @staticmethod
-    def _check_request(prompt: str, params: SamplingParams) -> None:
+    def _check_request(prompt: Prompt, params: SamplingParams) -> None:
         # The params were checked when they were built (``rbee.requests.SamplingParams``
-        # refuses bad values on construction, and is frozen).
+        # refuses bad values on construction, and is frozen); so were Messages.
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be rbee.requests.SamplingParams, not {type(params).__name__}")
-        if not isinstance(prompt, str):
-            raise InvalidRequestError("prompt must be a string", details=[
-                {"field": "prompt", "constraint": "type:string", "message": "prompt must be a string"}])
+        if isinstance(prompt, str):
+            return
+        if (isinstance(prompt, (list, tuple)) and prompt
+                and all(isinstance(m, Message) for m in prompt)):
+            return
+        raise InvalidRequestError("the prompt must be a string or a non-empty sequence of Message", details=[
+            {"field": "prompt", "constraint": "type:string|messages",
+             "message": "the prompt must be a string or a non-empty sequence of Message"}])
 
-    def _generate_params(self, prompt: str, params: SamplingParams, chat: bool, cache_prompt: bool,
-                         notify_fd: int) -> tuple[Any, list[Any]]:
+    def _generate_params(self, prompt: Prompt, params: SamplingParams, chat: bool, cache_prompt: bool,
+                         grammar: str | None, notify_fd: int) -> tuple[Any, list[Any]]:
         """The C request parameters, and the buffers they point into (keep them alive)."""
         ffi, lib = native().ffi, native().lib
-        data = ffi.new("char[]", prompt.encode("utf-8"))
+        keep: list[Any] = []
+        gp = ffi.new("rbee_generate_params *", lib.rbee_generate_default_params())
+        if isinstance(prompt, str):
+            data = ffi.new("char[]", prompt.encode("utf-8"))
+            keep.append(data)
+            gp.prompt, gp.prompt_len, gp.chat = data, len(data) - 1, chat
+        else:
+            array, buffers = _message_array(prompt)
+            keep += [array, buffers]
+            gp.messages, gp.n_messages = array, len(prompt)
         stops = [ffi.new("char[]", s.encode("utf-8")) for s in params.stop]
         stop_array = ffi.new("const char *[]", stops) if stops else ffi.NULL
-        gp = ffi.new("rbee_generate_params *", lib.rbee_generate_default_params())
-        gp.prompt, gp.prompt_len, gp.chat = data, len(data) - 1, chat
-        gp.max_tokens, gp.temperature, gp.top_p = params.max_tokens, params.temperature, params.top_p
+        keep += [stops, stop_array]
+        if grammar:
+            grammar_c = ffi.new("char[]", grammar.encode("utf-8"))
+            keep.append(grammar_c)
+            gp.grammar = grammar_c
+        gp.max_tokens = -1 if params.max_tokens is None else params.max_tokens
+        gp.temperature, gp.top_p = params.temperature, params.top_p
         gp.top_k, gp.min_p, gp.repeat_penalty = params.top_k, params.min_p, params.repeat_penalty
+        gp.frequency_penalty, gp.presence_penalty = params.frequency_penalty, params.presence_penalty
         gp.seed = _RANDOM_SEED if params.seed is None else params.seed
         gp.stop, gp.n_stop, gp.cache_prompt, gp.notify_fd = stop_array, len(stops), cache_prompt, notify_fd
-        return gp, [data, stops, stop_array]
+        return gp, keep
 
     def clear_cache(self) -> None:
         """Forget every cached prompt prefix of the free slots (blocking, on the engine
@@ -370,19 +450,26 @@ class Engine:
 
     # -- many streams: submit and the step loop -------------------------------------------
 
-    def submit(self, prompt: str, params: SamplingParams, *, chat: bool = False, cache_prompt: bool = True,
+    def submit(self, prompt: Prompt, params: SamplingParams, *, chat: bool = False, cache_prompt: bool = True,
+               grammar: str | None = None,
                on_piece: Callable[[int, str], object] | None = None,
                on_prefill: Callable[[int, int], object] | None = None,
                on_finish: Callable[[GenerationResult | None, BaseException | None], object] | None = None,
                notify_fd: int = -1, abort: AbortFlag | None = None) -> Request:
         """Queue a request; it joins the running streams at the next step.
 
-        Raises at once: ``InvalidRequestError`` for a prompt that is not a string (``params``
+        ``prompt`` is text (with ``chat``: one user message of the chat template) or a
+        conversation (a sequence of ``Message``, rendered with the chat template, the
+        assistant's turn opened). ``grammar`` (GBNF, start symbol ``root``) constrains what
+        is generated; a grammar llama.cpp refuses ends this request with an
+        ``InvalidRequestError`` (``check_grammar`` tells before).
+
+        Raises at once: ``InvalidRequestError`` for a prompt that is neither (``params``
         were checked when built), ``BusyError`` when all ``n_slots`` are taken.
         ``notify_fd`` (non-blocking, or -1) gets a byte after every step that gave this
         request an event (see ``rbee_generate_params.notify_fd``)."""
         self._check_request(prompt, params)
-        request = Request(prompt, params, chat=chat, cache_prompt=cache_prompt, notify_fd=notify_fd,
+        request = Request(prompt, params, chat=chat, cache_prompt=cache_prompt, grammar=grammar, notify_fd=notify_fd,
                           on_piece=on_piece, on_prefill=on_prefill, on_finish=on_finish, abort=abort)
         with self._lock:
             if self._closed:
@@ -405,7 +492,7 @@ class Engine:
             self._end(request, _result(ffi.new("rbee_generation_result *", {"stop_reason": 4})), None)
             return
         gp, keep = self._generate_params(request.prompt, request.params, request.chat, request.cache_prompt,
-                                         request.notify_fd)
+                                         request.grammar, request.notify_fd)
         seq_out = ffi.new("rbee_sequence **")
         status = lib.rbee_context_submit(self._context, gp, seq_out)
         del keep
@@ -413,6 +500,9 @@ class Engine:
             try:
                 if status == lib.RBEE_STATUS_PROMPT_TOO_LONG:
                     self.check_fits(self.count_tokens(request.prompt, chat=request.chat), request.params)
+                if status == lib.RBEE_STATUS_GRAMMAR_FAILED:
+                    check(status, "llama.cpp cannot parse the grammar", details=[
+                        {"field": "grammar", "constraint": "gbnf", "message": "llama.cpp cannot parse the grammar"}])
                 check(status, "rbee_context_submit")
             except RbeeError as exc:
                 self._end(request, None, exc)
@@ -474,8 +564,9 @@ class Engine:
 
     # -- one stream, blocking ------------------------------------------------------------
 
-    def generate(self, prompt: str, params: SamplingParams, *, on_token: Callable[[int, str], object] | None,
-                 abort: AbortFlag | None = None, chat: bool = False, cache_prompt: bool = True) -> GenerationResult:
+    def generate(self, prompt: Prompt, params: SamplingParams, *, on_token: Callable[[int, str], object] | None,
+                 abort: AbortFlag | None = None, chat: bool = False, cache_prompt: bool = True,
+                 grammar: str | None = None) -> GenerationResult:
         """Run one generation to its end (blocking) with the C one-shot loop, on the engine
         thread, while no other request runs (else ``BusyError``). ``on_token(i, text)``
         gets every piece on the engine thread (``None`` discards them in C: the bare loop);
@@ -488,16 +579,17 @@ class Engine:
                 raise BusyError("the engine is serving other streams")
             self._pending += 1
         try:
-            return self._thread.call(lambda: self._generate_now(prompt, params, on_token, abort, chat, cache_prompt))
+            return self._thread.call(lambda: self._generate_now(prompt, params, on_token, abort, chat, cache_prompt,
+                                                                grammar))
         finally:
             with self._lock:
                 self._pending -= 1
 
-    def _generate_now(self, prompt: str, params: SamplingParams, on_token: Callable[[int, str], object] | None,
-                      abort: AbortFlag | None, chat: bool, cache_prompt: bool) -> GenerationResult:
+    def _generate_now(self, prompt: Prompt, params: SamplingParams, on_token: Callable[[int, str], object] | None,
+                      abort: AbortFlag | None, chat: bool, cache_prompt: bool, grammar: str | None) -> GenerationResult:
         ffi, lib = native().ffi, native().lib
         _, context = self._handles()
-        gp, keep = self._generate_params(prompt, params, chat, cache_prompt, -1)
+        gp, keep = self._generate_params(prompt, params, chat, cache_prompt, grammar, -1)
         # on_token=None runs the bare loop (a C callback that discards): the benchmark's baseline.
         sink = TokenSink(on_token) if on_token is not None else None
         handle = ffi.new_handle(sink) if sink is not None else ffi.NULL  # alive for the whole call
@@ -540,6 +632,32 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Defaults for the calls that only tokenize.
+DEFAULT_PARAMS = SamplingParams()
+_CHAT_PROBLEM = {
+    "chat": {"field": "chat", "constraint": "a chat template llama.cpp knows",
+             "message": "cannot apply the model's chat template"},
+    "messages": {"field": "messages", "constraint": "a chat template llama.cpp knows",
+                 "message": "cannot apply the model's chat template"},
+}
+
+
+def _message_array(messages: Sequence[Message]) -> tuple[Any, list[Any]]:
+    """``messages`` as a C ``rbee_chat_message[]``, and the strings it points into."""
+    ffi = native().ffi
+    buffers: list[Any] = []
+    array = ffi.new("rbee_chat_message[]", len(messages))
+    for k, message in enumerate(messages):
+        if "\0" in message.content or "\0" in message.role:
+            raise InvalidRequestError(f"messages[{k}] contains a NUL character", details=[
+                {"field": f"messages[{k}].content", "constraint": "no_nul",
+                 "message": f"messages[{k}].content must not contain a NUL character"}])
+        role, content = ffi.new("char[]", message.role.encode()), ffi.new("char[]", message.content.encode("utf-8"))
+        buffers += [role, content]
+        array[k].role, array[k].content = role, content
+    return array, buffers
 
 
 def _deliver(request: Request, callback: Callable[..., object], *args: Any) -> None:

@@ -35,7 +35,7 @@ import trio
 
 from rbee.narration.events import Prefill, Token
 from rbee.requests import SamplingParams
-from rbee.worker.engine import Engine, GenerationResult
+from rbee.worker.engine import Engine, GenerationResult, Prompt
 
 
 class Generation:
@@ -81,9 +81,11 @@ def _drain(fd: int) -> None:
 
 
 @asynccontextmanager
-async def open_generation(engine: Engine, prompt: str, params: SamplingParams, *, chat: bool = False,
-                          cache_prompt: bool = True) -> AsyncIterator[Generation]:
-    """Submit a generation to ``engine`` and yield its ``Generation``.
+async def open_generation(engine: Engine, prompt: Prompt, params: SamplingParams, *, chat: bool = False,
+                          cache_prompt: bool = True, grammar: str | None = None) -> AsyncIterator[Generation]:
+    """Submit a generation to ``engine`` and yield its ``Generation``. ``prompt`` is text or
+    a conversation (a sequence of ``Message``); ``grammar`` (GBNF) constrains the output
+    (see ``Engine.submit``).
 
     Raises at once (before anything runs): ``InvalidRequestError`` for a prompt that does
     not fit one stream's context (``params`` were checked when built), ``BusyError`` when
@@ -109,7 +111,7 @@ async def open_generation(engine: Engine, prompt: str, params: SamplingParams, *
             finished.set()
 
         request = engine.submit(
-            prompt, params, chat=chat, cache_prompt=cache_prompt, notify_fd=write_fd,
+            prompt, params, chat=chat, cache_prompt=cache_prompt, grammar=grammar, notify_fd=write_fd,
             on_piece=lambda i, t: events.append(Token(t=t, i=i)),
             on_prefill=lambda done, total: events.append(Prefill(tokens_done=done, tokens_total=total)),
             on_finish=lambda result, error: trio_token.run_sync_soon(finish, result, error),

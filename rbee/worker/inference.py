@@ -59,9 +59,19 @@ def sampling_params(request: InferenceRequest) -> SamplingParams:
         top_k=request.top_k,
         min_p=request.min_p,
         repeat_penalty=request.repeat_penalty,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
         seed=request.seed,
         stop=request.stop,
     )
+
+
+def _limit(request: InferenceRequest, engine: Any, prompt_tokens: int) -> str:
+    """``up to N tokens``, or with no limit what the context leaves."""
+    if request.max_tokens is None:
+        return (f"until the end of generation (at most {engine.n_ctx - prompt_tokens} tokens, "
+                f"the context left)")
+    return f"up to {request.max_tokens} tokens"
 
 
 def _put(send: trio.MemorySendChannel, event: Any) -> None:
@@ -106,20 +116,22 @@ async def run_inference(
                 model=state.config.effective_model_ref,
                 ts_ms=time.time_ns() // 1_000_000,
             ))
+            limit = _limit(request, engine, prompt_tokens)
             say("execute_request",
-                f"Executing job {request.job_id}: up to {request.max_tokens} tokens at "
-                f"temperature {request.temperature:g}",
+                f"Executing job {request.job_id}: {limit} at temperature {request.temperature:g}",
                 target=request.job_id, max_tokens=request.max_tokens,
-                temperature=request.temperature, chat=request.chat)
+                temperature=request.temperature, chat=request.chat,
+                messages=None if request.messages is None else len(request.messages),
+                response_format=None if request.response_format is None else request.response_format.get("type"))
             say("tokenize", f"Tokenized the prompt: {prompt_tokens} tokens",
                 prompt_tokens=prompt_tokens)
             try:
                 with job.cancel_scope:
                     async with open_generation(
-                        engine, request.prompt, sampling_params(request), chat=request.chat,
-                        cache_prompt=request.cache_prompt,
+                        engine, request.source, sampling_params(request), chat=request.chat,
+                        cache_prompt=request.cache_prompt, grammar=request.grammar,
                     ) as generation:
-                        say("inference_start", f"Generating up to {request.max_tokens} tokens",
+                        say("inference_start", f"Generating {limit}",
                             cute="Thinking hard! 🐝")
                         task_status.started()
                         started = True

@@ -27,6 +27,7 @@ _ERROR_CLASSES: dict[str, type[RbeeError]] = {
     "RBEE_STATUS_MODEL_LOAD_FAILED": ModelLoadError,
     "RBEE_STATUS_PROMPT_TOO_LONG": InvalidRequestError,
     "RBEE_STATUS_NO_CHAT_TEMPLATE": InvalidRequestError,
+    "RBEE_STATUS_GRAMMAR_FAILED": InvalidRequestError,
 }
 
 

@@ -5,11 +5,13 @@
 field as ``{"field", "constraint", "message"}`` (all of them at once, so a client fixes
 its request in one round). Nothing here does I/O or touches the engine.
 
-The fields, their defaults, bounds and messages are ``rbee.requests``'s (the prompt and
-``cache_prompt``/``chat`` of ``InferRequest``, every field of ``SamplingParams``), shared
-with the keeper and the queen; see that module for the rules (booleans are not numbers,
-NaN is not JSON, unknown fields are ignored, null takes the default). What only a worker
-checks is here: ``job_id`` and ``max_tokens`` against its context (``n_ctx``).
+The fields, their defaults, bounds and messages are ``rbee.requests``'s (``prompt`` or
+``messages``, ``cache_prompt``, ``chat`` and ``response_format`` of ``InferRequest``, every
+field of ``SamplingParams``), shared with the keeper and the queen; see that module for the
+rules (booleans are not numbers, NaN is not JSON, unknown fields are ignored, null takes the
+default, but ``max_tokens`` null is no limit). What only a worker checks is here: ``job_id``,
+``max_tokens`` against its context (``n_ctx``), and that ``response_format``'s schema can be
+turned into a grammar (``grammar.py``, llama-cpp-python's converter).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from ..requests import (
     INVALID,
     FieldProblems,
     InferRequest,
+    Message,
     SamplingParams,
     json_type,
     parse_json_object,
 )
+from .grammar import response_format_grammar
 
 DEFAULT_MAX_TOKENS = DEFAULT_SAMPLING.max_tokens
 #: A job id travels in the DELETE URL path and in logs: keep it to URL-safe characters.
@@ -36,11 +40,13 @@ JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 @dataclass(frozen=True, slots=True)
 class InferenceRequest:
-    """One validated inference request (``seed`` None = random)."""
+    """One validated inference request (``seed`` None = random; ``max_tokens`` None = no
+    limit: until the end of generation or the context is full). Exactly one of ``prompt``
+    and ``messages`` is set."""
 
     job_id: str
-    prompt: str
-    max_tokens: int
+    prompt: str | None
+    max_tokens: int | None
     temperature: float
     top_p: float
     top_k: int
@@ -51,18 +57,40 @@ class InferenceRequest:
     chat: bool
     #: Reuse the longest cached prefix of the prompt (llama-server's ``cache_prompt``).
     cache_prompt: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: The conversation, rendered with the model's chat template (instead of ``prompt``).
+    messages: tuple[Message, ...] | None = None
+    #: OpenAI's ``response_format`` as it came, and the GBNF grammar it asks for (or None).
+    response_format: dict | None = None
+    grammar: str | None = None
+
+    @property
+    def source(self) -> str | tuple[Message, ...]:
+        """What the engine continues: the prompt text, or the conversation."""
+        return self.messages if self.messages is not None else self.prompt  # type: ignore[return-value]
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of the prompt, or of every message's content."""
+        if self.messages is not None:
+            return sum(len(m.content) for m in self.messages)
+        return len(self.prompt or "")
 
 
 def parse_inference_request(body: bytes, *, n_ctx: int) -> InferenceRequest:
     """Validate the body of `POST /v1/inference` for a context of ``n_ctx`` tokens.
 
     ``max_tokens`` above ``n_ctx`` is rejected here; whether prompt plus ``max_tokens``
-    fit is decided once the prompt is tokenized (``check_fits_context``).
+    fit is decided once the prompt is tokenized (``check_fits_context``). A
+    ``response_format`` schema the converter cannot turn into a grammar is a problem of
+    ``response_format`` carrying the converter's message.
     """
     obj = parse_json_object(body)
     problems = FieldProblems(obj, "inference request")
 
     prompt = problems.field(InferRequest, "prompt")
+    messages = problems.field(InferRequest, "messages")  # also: exactly one of the two
 
     job_id = obj.get("job_id")
     if job_id is None:
@@ -76,26 +104,49 @@ def parse_inference_request(body: bytes, *, n_ctx: int) -> InferenceRequest:
 
     sampling = problems.fields(SamplingParams)
     max_tokens = sampling["max_tokens"]
-    if max_tokens is not INVALID and max_tokens > n_ctx:
+    if max_tokens is not INVALID and max_tokens is not None and max_tokens > n_ctx:
         problems.fail("max_tokens", f"<={n_ctx}",
                       f"max_tokens {max_tokens} is beyond this worker's context of {n_ctx} tokens")
 
     chat = problems.field(InferRequest, "chat")
     cache_prompt = problems.field(InferRequest, "cache_prompt")
+    response_format = problems.field(InferRequest, "response_format")
+    grammar = None
+    if response_format is not INVALID:
+        try:
+            grammar = response_format_grammar(response_format)
+        except ValueError as exc:
+            problems.fail("response_format", "json_schema:convertible",
+                          f"response_format: the JSON schema cannot be turned into a grammar: {exc}")
 
     problems.raise_if_any()
-    return InferenceRequest(job_id=job_id, prompt=prompt, **sampling, chat=chat, cache_prompt=cache_prompt)
+    return InferenceRequest(job_id=job_id, prompt=prompt, messages=messages, **sampling, chat=chat,
+                            cache_prompt=cache_prompt, response_format=response_format, grammar=grammar)
 
 
 def check_fits_context(request: InferenceRequest, prompt_tokens: int, n_ctx: int) -> None:
-    """``InvalidRequestError`` when the prompt plus ``max_tokens`` exceed the context."""
+    """``InvalidRequestError`` when the prompt plus ``max_tokens`` exceed the context (with
+    no limit: when the prompt leaves no room for one token)."""
+    if request.max_tokens is None:
+        if prompt_tokens < n_ctx:
+            return
+        raise InvalidRequestError(
+            f"the prompt is {prompt_tokens} tokens: it fills this worker's context of {n_ctx} tokens, "
+            f"leaving no room to generate; shorten the prompt",
+            details=[{
+                "field": "messages" if request.messages is not None else "prompt",
+                "constraint": f"prompt_tokens<{n_ctx}",
+                "message": f"the prompt ({prompt_tokens} tokens) must leave room in {n_ctx} tokens",
+            }],
+        )
     if prompt_tokens + request.max_tokens > n_ctx:
         raise InvalidRequestError(
             f"the prompt is {prompt_tokens} tokens and max_tokens is {request.max_tokens}: "
             f"together beyond this worker's context of {n_ctx} tokens; "
             f"shorten the prompt or lower max_tokens",
             details=[{
-                "field": "max_tokens" if prompt_tokens < n_ctx else "prompt",
+                "field": "max_tokens" if prompt_tokens < n_ctx else
+                         "messages" if request.messages is not None else "prompt",
                 "constraint": f"prompt_tokens+max_tokens<={n_ctx}",
                 "message": f"prompt ({prompt_tokens} tokens) plus max_tokens "
                            f"({request.max_tokens}) must fit in {n_ctx} tokens",

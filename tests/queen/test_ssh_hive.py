@@ -42,7 +42,7 @@ def test_the_ssh_hive_lives_as_long_as_the_queen(rbee_home: Path, sshd_server, h
         assert [n["name"] for n in httpx.get(f"{url}/v1/nodes").json()["nodes"]] == ["localhost", "blep"]
 
         # Asking for the node's models starts its hive over SSH (no model needs loading).
-        models = httpx.get(f"{url}/v1/models", params={"node": "blep"}, timeout=120)
+        models = httpx.get(f"{url}/v1/nodes/blep/models", timeout=120)
         assert models.status_code == 200, models.text
         assert httpx.get(f"{url}/health").json()["hives"] == ["blep"]
         hive_pids = [p for p in rbee_processes(rbee_home) if p != queen.pid]

@@ -8,6 +8,7 @@ detokenization are right, not just fast.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError
 from rbee.narration.events import Token
-from rbee.requests import SamplingParams
+from rbee.requests import Message, SamplingParams
 from rbee.worker.engine import (
     DEFAULT_CHUNK,
     AbortFlag,
@@ -31,6 +32,15 @@ from rbee.worker.engine import (
     native_build_info,
 )
 from rbee.worker.engine_trio import open_generation
+from rbee.worker.grammar import json_object_grammar, json_schema_grammar
+from tests.worker.workers import (
+    BOUNDED_ASK,
+    BOUNDED_SCHEMA,
+    CONVERSATION,
+    CONVERSATION_RENDERED,
+    JSON_OBJECT_ASK,
+    fits_bounded_schema,
+)
 
 pytestmark = pytest.mark.model
 
@@ -340,6 +350,91 @@ def test_chat_template_is_applied(engine: Engine) -> None:
     assert chat > plain + 4  # <start_of_turn>user ... <end_of_turn> <start_of_turn>model
     _, result = run(engine, "hello", SamplingParams(max_tokens=4, temperature=0.0), chat=True)
     assert result.prompt_tokens == chat
+
+
+def test_messages_render_with_the_chat_template_and_generate(engine: Engine) -> None:
+    # The embedded Gemma-3 270M GGUF has no tokenizer.chat_template: llama.cpp's built-in
+    # "gemma" template for its architecture is used.
+    assert engine.chat_template_builtin and engine.chat_template == "gemma"
+    assert engine.render_chat(CONVERSATION) == CONVERSATION_RENDERED
+    assert engine.render_chat(CONVERSATION, add_assistant=False) == CONVERSATION_RENDERED.removesuffix(
+        "<start_of_turn>model\n")
+    # The prompt tokens are the rendered conversation's: both turns (BOS once).
+    n = engine.count_tokens(CONVERSATION)
+    assert n == engine.count_tokens(CONVERSATION_RENDERED) > engine.count_tokens(CONVERSATION[-1:]) + 15
+    pieces, result = run(engine, CONVERSATION, SamplingParams(max_tokens=8, temperature=0.0))
+    assert result.prompt_tokens == n and result.tokens_out >= 1
+    # Token for token what the rendered text as a raw prompt gives.
+    raw, raw_result = run(engine, CONVERSATION_RENDERED, SamplingParams(max_tokens=8, temperature=0.0))
+    assert text_of(pieces) == text_of(raw) and raw_result.prompt_tokens == n
+    # One user message is what chat=True makes of a prompt; a long one renders whole.
+    assert engine.count_tokens([Message("user", "hello")]) == engine.count_tokens("hello", chat=True)
+    long = "bees " * 200
+    assert engine.render_chat([Message("user", long)]) == (
+        f"<start_of_turn>user\n{long.strip()}<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(InvalidRequestError):
+        engine.count_tokens([])
+
+
+def test_json_object_grammar_gives_json_that_ends_with_eos(engine: Engine) -> None:
+    pieces, result = run(engine, JSON_OBJECT_ASK, SamplingParams(max_tokens=60, temperature=0.0, seed=7),
+                         grammar=json_object_grammar())
+    assert result.stop_reason == "eos"
+    assert isinstance(json.loads(text_of(pieces)), dict)
+
+
+def test_json_schema_grammar_gives_json_that_fits_the_schema(engine: Engine) -> None:
+    grammar = json_schema_grammar(BOUNDED_SCHEMA)
+    for params in (SamplingParams(max_tokens=60, temperature=0.0, seed=7),
+                   SamplingParams(max_tokens=60, temperature=0.7, seed=7, presence_penalty=0.5)):
+        pieces, result = run(engine, BOUNDED_ASK, params, grammar=grammar)
+        assert result.stop_reason == "eos", text_of(pieces)
+        assert fits_bounded_schema(json.loads(text_of(pieces))), text_of(pieces)
+
+
+def test_a_grammar_llama_cpp_refuses_fails_that_request_alone(engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.check_grammar("root ::= undefined-rule", field="response_format")
+    assert caught.value.details[0]["field"] == "response_format" and "grammar" in caught.value.message
+    engine.check_grammar(json_object_grammar())
+    # While another stream runs: only the bad one fails, at its start.
+    long = engine.submit(PROMPTS[3], SamplingParams(max_tokens=40, temperature=0.0))
+    bad = engine.submit("hi", SamplingParams(max_tokens=4), grammar="root ::= (")
+    with pytest.raises(InvalidRequestError) as refused:
+        bad.wait(30)
+    assert "RBEE_STATUS_GRAMMAR_FAILED" in refused.value.message
+    assert long.wait(60).stop_reason == "max_tokens" and long.result.tokens_out == 40
+    assert engine.busy_slots == 0
+
+
+def test_presence_and_frequency_penalties_reach_the_sampler(engine: Engine) -> None:
+    def greedy(**penalty: float) -> str:
+        return text_of(run(engine, PROMPTS[2], SamplingParams(max_tokens=24, temperature=0.0, **penalty))[0])
+
+    plain = greedy()
+    assert "a man of many talents, and he was a man of many talents" in plain  # it repeats itself
+    # Penalising what already appeared (once, or per occurrence) steers it off the repetition.
+    presence, frequency = greedy(presence_penalty=2.0), greedy(frequency_penalty=2.0)
+    assert plain != presence and plain != frequency and presence != frequency
+    assert "many talents" not in presence and "many talents" not in frequency
+    # A negative presence penalty favours what appeared: it repeats at once.
+    assert greedy(presence_penalty=-2.0).count("beautiful") >= 4
+
+
+def test_no_max_tokens_runs_until_the_context_is_full(embedded_model: Path) -> None:
+    with Engine.load(embedded_model, n_ctx=64, n_threads=THREADS, n_slots=1) as small:
+        unlimited = SamplingParams(max_tokens=None, temperature=0.0)
+        pieces, result = run(small, PROMPTS[3], unlimited)
+        assert result.stop_reason == "max_tokens"
+        assert result.prompt_tokens + result.tokens_out == 64 == len(pieces) + result.prompt_tokens
+        # ... or until the end of generation.
+        assert run(small, EOS_PROMPT, unlimited)[1].stop_reason == "eos"
+        # A prompt that fills the context leaves no room.
+        small.check_fits(63, unlimited)
+        with pytest.raises(InvalidRequestError):
+            small.check_fits(64, unlimited)
+        with pytest.raises(InvalidRequestError):
+            small.generate("word " * 80, unlimited, on_token=None)
 
 
 def test_sampling_with_seed_is_reproducible(engine: Engine) -> None:

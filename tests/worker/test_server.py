@@ -6,6 +6,7 @@ test leaves it idle for the next one.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Iterator
 
@@ -15,9 +16,15 @@ import pytest
 from rbee.narration import DONE, sse
 from tests.processes import RbeeProcess
 from tests.worker.workers import (
+    BOUNDED_ASK,
+    BOUNDED_SCHEMA,
+    CONVERSATION,
+    CONVERSATION_RENDERED,
     COUNTING_PROMPT,
     EOS_PROMPT,
     HTTP_TIMEOUT,
+    JSON_OBJECT_ASK,
+    fits_bounded_schema,
     infer,
     read_stream,
     running_worker,
@@ -120,6 +127,74 @@ def test_end_of_generation_token_stops_with_eos(url):
     assert stream.end.stop_reason == "eos"
     assert stream.text == "}\n"
     assert stream.end.tokens_out == len(stream.of_type("token")) == 2
+
+
+def _messages(conversation) -> list[dict[str, str]]:
+    return [m.as_json() for m in conversation]
+
+
+def test_messages_are_rendered_with_the_chat_template(url):
+    # The embedded GGUF has no chat template: the worker renders with llama.cpp's built-in
+    # "gemma" one. The same text sent as a raw prompt gives the same prompt tokens (both
+    # turns, the opened model turn) and, greedy from an empty slot, the same answer.
+    body = {"max_tokens": 6, "temperature": 0, "cache_prompt": False}
+    chat = infer(url, {"messages": _messages(CONVERSATION), **body, "job_id": "job-chat"})
+    raw = infer(url, {"prompt": CONVERSATION_RENDERED, **body})
+    assert chat.status == raw.status == 200
+    metrics = chat.of_type("metrics")[0]
+    assert metrics.prompt_tokens == raw.of_type("metrics")[0].prompt_tokens
+    assert metrics.prompt_tokens == next(n.extra["prompt_tokens"] for n in chat.of_type("narration")
+                                         if n.action == "tokenize")
+    one_turn = infer(url, {"messages": _messages(CONVERSATION[-1:]), **body})
+    assert metrics.prompt_tokens > one_turn.of_type("metrics")[0].prompt_tokens + 15  # the first turn is in it
+    assert chat.end.tokens_out >= 1 and chat.text == raw.text
+    execute = next(n for n in chat.of_type("narration") if n.action == "execute_request")
+    assert execute.extra["messages"] == 4
+
+
+def test_json_object_response_format_gives_a_json_object_and_eos(url):
+    stream = infer(url, {"messages": _messages(JSON_OBJECT_ASK), "max_tokens": 60, "temperature": 0, "seed": 7,
+                         "response_format": {"type": "json_object"}})
+    assert stream.status == 200
+    assert stream.end.stop_reason == "eos"  # OpenAI's finish_reason "stop"
+    assert isinstance(json.loads(stream.text), dict)
+
+
+def test_json_schema_response_format_fits_the_schema_and_ends_with_eos(url):
+    response_format = {"type": "json_schema",
+                       "json_schema": {"name": "pick", "strict": True, "schema": BOUNDED_SCHEMA}}
+    stream = infer(url, {"messages": _messages(BOUNDED_ASK), "max_tokens": 60, "temperature": 0, "seed": 7,
+                         "response_format": response_format})
+    assert stream.status == 200 and stream.end.stop_reason == "eos", stream.text
+    assert fits_bounded_schema(json.loads(stream.text)), stream.text
+
+
+def test_a_schema_the_converter_refuses_is_a_400_naming_response_format(url):
+    response = httpx.post(f"{url}/v1/inference", json={
+        "prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"$ref": "https://example.com/remote.json"}}}}, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 400
+    (detail,) = response.json()["error"]["details"]
+    assert detail["field"] == "response_format" and "remote" in detail["message"].lower()
+    assert httpx.get(f"{url}/v1/ready", timeout=HTTP_TIMEOUT).json()["state"] == "idle"
+
+
+def test_no_max_tokens_runs_until_the_context_is_full(embedded_model):
+    with running_worker(embedded_model, "--parallel", "1", worker_id="w-small", ctx_size=64) as (_, small):
+        stream = infer(small, {"prompt": COUNTING_PROMPT, "max_tokens": None, "temperature": 0})
+        assert stream.status == 200
+        metrics = stream.of_type("metrics")[0]
+        assert stream.end.stop_reason == "max_tokens"  # OpenAI's finish_reason "length"
+        assert metrics.prompt_tokens + stream.end.tokens_out == 64
+        complete = next(n for n in stream.of_type("narration") if n.action == "inference_complete")
+        assert complete.extra["tokens_generated"] == 64 - metrics.prompt_tokens
+        # ... or until the end of generation, whichever comes first.
+        eos = infer(small, {"prompt": EOS_PROMPT, "max_tokens": None, "temperature": 0})
+        assert eos.end.stop_reason == "eos" and eos.text == "}\n"
+        # A prompt that fills the context leaves no room: 400 before any stream.
+        full = httpx.post(f"{small}/v1/inference", json={"prompt": "word " * 80, "max_tokens": None},
+                          timeout=HTTP_TIMEOUT)
+        assert full.status_code == 400 and full.json()["error"]["details"][0]["field"] == "prompt"
 
 
 def test_job_id_is_made_up_when_missing(url):

@@ -61,6 +61,24 @@ BAD_REQUESTS = [
     ("stop-item-empty", body(stop=[""]), "stop[0]", "min_length:1"),
     ("stop-too-many", body(stop=[str(n) for n in range(17)]), "stop", "max_items:16"),
     ("chat-string", body(chat="yes"), "chat", "type:boolean"),
+    ("prompt-and-messages", body(messages=[{"role": "user", "content": "Hi"}]), "prompt", "one_of:prompt|messages"),
+    ("neither-prompt-nor-messages", body(prompt=..., messages=None), "prompt", "required"),
+    ("messages-bad-role", body(prompt=..., messages=[{"role": "bot", "content": "Hi"}]),
+     "messages[0].role", "enum:system|user|assistant"),
+    ("messages-empty", body(prompt=..., messages=[]), "messages", "min_items:1"),
+    ("messages-content-parts", body(prompt=..., messages=[{"role": "user", "content": [{"type": "text"}]}]),
+     "messages[0].content", "type:string"),
+    ("presence-penalty-above", body(presence_penalty=2.5), "presence_penalty", "in:[-2,2]"),
+    ("frequency-penalty-below", body(frequency_penalty=-2.01), "frequency_penalty", "in:[-2,2]"),
+    ("response-format-type", body(response_format={"type": "yaml"}), "response_format.type",
+     "enum:text|json_object|json_schema"),
+    ("response-format-schema-missing", body(response_format={"type": "json_schema", "json_schema": {}}),
+     "response_format.json_schema.schema", "type:object"),
+    ("response-format-unconvertible", body(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "no anchors"}}}), "response_format", "json_schema:convertible"),
+    ("response-format-unknown-type-in-schema", body(response_format={"type": "json_schema", "json_schema": {
+        "schema": {"type": "object", "properties": {"a": {"type": "color"}}}}}), "response_format",
+     "json_schema:convertible"),
     ("job-id-slash", body(job_id="a/b"), "job_id", "pattern:[A-Za-z0-9._:-]{1,128}"),
     ("job-id-number", body(job_id=7), "job_id", "type:string"),
     ("not-json", b"prompt=Hello", "(body)", "json"),
@@ -103,6 +121,40 @@ def test_parse_accepts_one_stop_string_and_integral_numbers_for_floats():
     request = parse_inference_request(body(stop="\n", temperature=1, top_p=1, seed=7, job_id="j:1.a-b_c"), n_ctx=N_CTX)
     assert request.stop == ("\n",) and request.temperature == 1.0 and request.top_p == 1.0
     assert request.seed == 7 and request.job_id == "j:1.a-b_c"
+
+
+def test_the_converters_refusal_is_in_the_message():
+    raw = body(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "x"}}})
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_inference_request(raw, n_ctx=N_CTX)
+    (detail,) = caught.value.details
+    assert detail["field"] == "response_format"
+    assert 'Pattern must start with "^" and end with "$"' in detail["message"]
+
+
+def test_messages_response_format_and_penalties_are_taken():
+    conversation = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]
+    request = parse_inference_request(body(prompt=..., messages=conversation, presence_penalty=-2,
+                                           frequency_penalty=1.5, max_tokens=None,
+                                           response_format={"type": "json_object"}), n_ctx=N_CTX)
+    assert request.prompt is None and [m.as_json() for m in request.messages] == conversation
+    assert request.source == request.messages and request.prompt_chars == len("Be brief") + len("Hi")
+    assert (request.presence_penalty, request.frequency_penalty, request.max_tokens) == (-2.0, 1.5, None)
+    assert request.response_format == {"type": "json_object"} and "root" in request.grammar
+    text = parse_inference_request(body(response_format={"type": "text"}), n_ctx=N_CTX)
+    assert text.grammar is None and text.source == "Hello"
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    typed = parse_inference_request(body(response_format={"type": "json_schema", "json_schema": {"schema": schema}}),
+                                    n_ctx=N_CTX)
+    assert typed.grammar.count("root ::=") == 1 and '"\\"n\\""' in typed.grammar
+
+
+def test_no_limit_needs_room_for_one_token():
+    request = parse_inference_request(body(max_tokens=None), n_ctx=N_CTX)
+    check_fits_context(request, N_CTX - 1, N_CTX)
+    with pytest.raises(InvalidRequestError) as caught:
+        check_fits_context(request, N_CTX, N_CTX)
+    assert caught.value.details[0]["field"] == "prompt" and "no room" in caught.value.message
 
 
 def test_prompt_plus_max_tokens_must_fit_the_context():
