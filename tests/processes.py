@@ -70,6 +70,19 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def json_objects(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The lines that are JSON objects, parsed (narration in --narration json, say)."""
+    out = []
+    for line in list(lines):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
 class RbeeProcess:
     """One real program under test, with its stdout lines collected as they come."""
 
@@ -116,15 +129,7 @@ class RbeeProcess:
 
     def json_lines(self) -> list[dict[str, Any]]:
         """Every stdout line so far that is a JSON object."""
-        out = []
-        for line in list(self.stdout_lines):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-        return out
+        return json_objects(self.stdout_lines)
 
     def wait_for_action(self, action: str, seconds: float = 60.0) -> dict[str, Any]:
         """Block until a JSON line with ``action`` appears on stdout; return it."""

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.processes import RbeeProcess, pid_alive, program
+from tests.processes import RbeeProcess, json_objects, pid_alive, program
 from tests.queen.support import keeper_env, rbee_processes, wait_no_rbee_processes
 
 pytestmark = pytest.mark.model
@@ -108,17 +108,9 @@ class TerminalKeeper:
         raise AssertionError(f"no answer on screen after {at}: {self.screen[at:]!r}")
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
         with self._lock:
             lines = list(self.stderr_lines)
-        for line in lines:
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-        return out
+        return json_objects(lines)
 
     def wait_event(self, kind: str, count: int, seconds: float = 300.0) -> list[dict[str, Any]]:
         """Wait until ``count`` events of ``type`` (or narration ``action``) ``kind`` have
