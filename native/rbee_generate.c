@@ -285,7 +285,8 @@ static rbee_status check_params(const rbee_generate_params * p) {
 static rbee_sequence * pick_sequence(rbee_context * ctx, const llama_token * tokens, int32_t n, bool reuse,
                                      int32_t * common_out) {
     rbee_sequence * best = NULL;
-    int32_t best_common = -1;
+    int32_t best_score = -1;
+    int32_t best_common = 0;
     for (uint32_t i = 0; i < ctx->n_seq_max; i++) {
         rbee_sequence * seq = &ctx->sequences[i];
         if (seq->state != RBEE_SEQ_FREE) {
@@ -298,14 +299,19 @@ static rbee_sequence * pick_sequence(rbee_context * ctx, const llama_token * tok
                 common++;
             }
         }
-        /* The longest shared prefix; among equals the one caching least, so that a cache
+        /* A shared prefix decides only when it is at least half of the prompt (as
+         * llama-server's slot similarity of 0.5): a BOS or a chat template's first tokens
+         * in common are not worth evicting another conversation's whole cache. Then the
+         * longest shared prefix; among equals the one caching least, so that a cache
          * someone may come back to survives longest (then the lowest seq_id). */
-        if (common > best_common || (common == best_common && seq->n_cached < best->n_cached)) {
+        int32_t score = 2 * common >= n ? common : 0;
+        if (score > best_score || (score == best_score && seq->n_cached < best->n_cached)) {
             best = seq;
+            best_score = score;
             best_common = common;
         }
     }
-    *common_out = best_common < 0 ? 0 : best_common;
+    *common_out = best_common;
     return best;
 }
 

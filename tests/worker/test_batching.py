@@ -242,6 +242,12 @@ def test_a_shared_prefix_is_reused_unless_the_request_says_no(worker) -> None:
     assert same.prompt_tokens_cached == same.prompt_tokens - 1
     off = metrics(greedy(prefix + "Tomatoes and beans", 2, "turn-4", cache_prompt=False))
     assert off.prompt_tokens_cached == 0
+    # A prompt that shares only its first token (the BOS) with that cache takes another
+    # slot: the conversation it would evict is still whole afterwards.
+    other = metrics(greedy("Apples, pears and plums", 2, "turn-5"))
+    assert other.prompt_tokens_cached <= 1
+    again = metrics(greedy(prefix + "Tomatoes and beans", 2, "turn-6"))
+    assert again.prompt_tokens_cached == again.prompt_tokens - 1
 
 
 def test_one_copy_of_the_weights_for_eight_streams(worker, embedded_model: Path) -> None:
