@@ -11,10 +11,8 @@ closes the generator), the job is cancelled unless it was submitted with ``"deta
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import httpx
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -23,36 +21,17 @@ from werkzeug.exceptions import HTTPException
 from ..errors import AuthError, InvalidRequestError, NotFoundError, RbeeError
 from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
 from ..narration import narrate, sse
-from .asyncio_bridge import AsyncioBridge
 from ..requests import parse_infer_request
-from .hives import HiveManager
-from .infer import InferJob, submit_checks
-from .jobs import Job, JobRegistry
-from .metrics import QueenMetrics
-from .nodes import Node, NodeRegistry, validate_node_fields
+from .infer import submit_checks
+from .jobs import Job
+from .nodes import Node, validate_node_fields
 from .openai_api import register_openai_routes
 from .operations import DownloadJob, validate_download
-from .scheduler import QueueFullError, Scheduler
+from .scheduler import QueueFullError
 from .ssh import probe_node
+from .state import QueenState
 
 ACTOR = "queen-rbee"
-
-
-@dataclass
-class QueenState:
-    """Everything the routes need; built by ``serve()``."""
-
-    nodes: NodeRegistry
-    hives: HiveManager
-    jobs: JobRegistry
-    http: httpx.AsyncClient
-    bridge: AsyncioBridge
-    scheduler: Scheduler
-    infer: InferJob
-    metrics: QueenMetrics
-    shutdown: trio.Event = field(default_factory=trio.Event)
-    api_token: str | None = None
-    ping_interval_s: float = 15.0
 
 
 def _json_body(body: Any) -> dict[str, Any]:

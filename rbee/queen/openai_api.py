@@ -46,7 +46,7 @@ from ..requests import EMBEDDED_ALIAS
 from .jobs import Job
 
 if TYPE_CHECKING:
-    from .app import QueenState
+    from .state import QueenState
 
 #: How long one hive may take to list its catalog for ``GET /v1/models``.
 CATALOG_TIMEOUT_S = 5.0

@@ -24,7 +24,8 @@ from ..http_client import OUR_DAEMONS, async_client
 from ..http_common import hypercorn_config
 from ..narration import narrate
 from ..paths import rbee_home
-from .app import QueenState, create_app
+from .app import create_app
+from .state import QueenState
 from .asyncio_bridge import AsyncioBridge
 from .hives import HiveManager, default_local_hive_command
 from .infer import InferJob

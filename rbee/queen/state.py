@@ -1,0 +1,37 @@
+"""``QueenState``: everything the queen's routes need, built once by ``serve()``.
+
+Its own module so that every file of routes (``app.py``, ``openai_api.py``) can name it
+without importing another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from .asyncio_bridge import AsyncioBridge
+from .hives import HiveManager
+from .infer import InferJob
+from .jobs import JobRegistry
+from .metrics import QueenMetrics
+from .nodes import NodeRegistry
+from .scheduler import Scheduler
+
+
+@dataclass
+class QueenState:
+    """Everything the routes need; built by ``serve()``."""
+
+    nodes: NodeRegistry
+    hives: HiveManager
+    jobs: JobRegistry
+    http: httpx.AsyncClient
+    bridge: AsyncioBridge
+    scheduler: Scheduler
+    infer: InferJob
+    metrics: QueenMetrics
+    shutdown: trio.Event = field(default_factory=trio.Event)
+    api_token: str | None = None
+    ping_interval_s: float = 15.0
