@@ -52,11 +52,45 @@ def json_object_grammar() -> str:
     return _llama_grammar().JSON_GBNF
 
 
+#: An integer with both bounds and at most this many values in between is given to the
+#: converter as the enum of those values: the converter ignores ``minimum``/``maximum``
+#: (a TODO in llama-cpp-python 0.3.36), an enum it enforces. Wider ranges stay unenforced.
+MAX_INTEGER_ENUM = 1024
+
+
+def _int_bound(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if float(value).is_integer() else None
+
+
+def bounded_integers_as_enums(node: Any) -> Any:
+    """``schema`` with every small bounded integer (``{"type": "integer", "minimum": 1,
+    "maximum": 5}``, exclusive bounds too) turned into ``{"enum": [1, 2, 3, 4, 5]}``."""
+    if isinstance(node, list):
+        return [bounded_integers_as_enums(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: bounded_integers_as_enums(value) for key, value in node.items()}
+    if out.get("type") == "integer" and "enum" not in out:
+        low = _int_bound(out.get("minimum"))
+        high = _int_bound(out.get("maximum"))
+        if low is None and _int_bound(out.get("exclusiveMinimum")) is not None:
+            low = _int_bound(out["exclusiveMinimum"]) + 1
+        if high is None and _int_bound(out.get("exclusiveMaximum")) is not None:
+            high = _int_bound(out["exclusiveMaximum"]) - 1
+        if low is not None and high is not None and 0 <= high - low < MAX_INTEGER_ENUM:
+            kept = {k: v for k, v in out.items()
+                    if k not in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")}
+            return {**kept, "enum": list(range(low, high + 1))}
+    return out
+
+
 def json_schema_grammar(schema: Mapping[str, Any]) -> str:
     """GBNF for JSON following ``schema``; ``ValueError`` with the converter's message when
     it cannot convert it."""
     try:
-        text = json.dumps(schema)
+        text = json.dumps(bounded_integers_as_enums(schema))
     except (TypeError, ValueError) as exc:  # not JSON (built in Python, not parsed)
         raise ValueError(f"the schema is not JSON: {exc}") from None
     try:
