@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# httpx imports its transport library lazily, when the first client is built: ~100 ms here,
+# which then lands inside a command's first request (the keeper's time to first token).
+# Loaded with httpx instead, while the program starts.
+import httpcore  # noqa: F401
 import httpx
 
 #: What to pass as ``url`` for a client that only ever talks to our own daemons (hives,
