@@ -51,10 +51,8 @@ PASSED_THROUGH = ("temperature", "top_p", "seed", "stop", "presence_penalty", "f
 
 def finish_reason(stop_reason: str) -> str:
     """OpenAI's ``finish_reason`` for rbee's ``stop_reason``: ``length`` when a token
-    limit (``max_tokens``, or the slot's context) ended it, else ``stop``."""
-    if stop_reason == "max_tokens" or "context" in stop_reason or "length" in stop_reason:
-        return "length"
-    return "stop"
+    limit ended it (``max_tokens``, also when the slot's context filled), else ``stop``."""
+    return "length" if stop_reason == "max_tokens" else "stop"
 
 
 def error_object(code: str, message: str) -> dict[str, Any]:

@@ -215,21 +215,8 @@ async def _job_events(state: QueenState, job: Job) -> AsyncIterator[bytes]:
     """The SSE body of one job: its events, pings when quiet, ``[DONE]`` at its end."""
     finished = False
     try:
-        while True:
-            # No yield inside the cancel scope: a generator must not suspend inside one.
-            batch: list[bytes] = []
-            with trio.move_on_after(state.ping_interval_s):
-                try:
-                    batch.append(sse.encode(await job.receive.receive()))
-                except trio.EndOfChannel:
-                    break
-                # Whatever else is ready goes into the same write (tokens come in bursts).
-                while True:
-                    try:
-                        batch.append(sse.encode(job.receive.receive_nowait()))
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-            yield b"".join(batch) if batch else sse.encode_ping()
+        while (events := await job.receive_batch(trio.current_time() + state.ping_interval_s)) is not None:
+            yield b"".join(sse.encode(event) for event in events) if events else sse.encode_ping()
         finished = True
         yield sse.encode_done()
     finally:

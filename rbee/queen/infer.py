@@ -122,8 +122,7 @@ class InferJob:
         self._spawn_nursery = spawn_nursery
         #: (node, reference) -> what that node's catalog resolved it to, and by which hive
         #: (a restarted hive asks again: its catalog may have changed).
-        self._resolved: dict[tuple[str, str], ModelIdentity] = {}
-        self._resolved_by: dict[tuple[str, str], Hive] = {}
+        self._resolved: dict[tuple[str, str], tuple[Hive, ModelIdentity]] = {}
         self._local_facts: dict[str, Any] | None = None
         self._on_finished = on_finished
         self._on_leased = on_leased
@@ -177,7 +176,7 @@ class InferJob:
             hive = self.hives.get(node.name)
             facts = self._known_facts(node)
             workers = [w for w in self.scheduler.workers.values() if w.node == node.name]
-            resolved = self._resolved.get((node.name, reference))
+            resolved = self._resolved.get((node.name, reference), (None, None))[1]
             loaded = [w for w in workers if resolved is not None and w.model.matches(resolved)]
             on_disk = None
             if hive is not None and not loaded:
@@ -225,12 +224,11 @@ class InferJob:
     async def _resolve(self, hive: Hive, req: InferRequest) -> ModelIdentity:
         """The model's identity from the node's catalog (cached for the hive's life)."""
         key = (hive.node.name, req.ref.reference)
-        identity = self._resolved.get(key)
-        if identity is None or hive is not self._resolved_by.get(key):
+        by, identity = self._resolved.get(key, (None, None))
+        if identity is None or by is not hive:
             answer = await hive.request("POST", "/v1/models/resolve", json={"model": req.ref.reference})
             identity = ModelIdentity(answer["reference"], answer.get("sha256"))
-            self._resolved[key] = identity
-            self._resolved_by[key] = hive
+            self._resolved[key] = (hive, identity)
         self.scheduler.note_resolved(req.ref.reference, identity)
         return identity
 

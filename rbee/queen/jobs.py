@@ -55,6 +55,23 @@ class Job:
         """Put one event into the job's stream (never blocks; the buffer is unbounded)."""
         self.send.send_nowait(event)
 
+    async def receive_batch(self, deadline: float) -> list[Event] | None:
+        """The next events of the stream: the first one to come and whatever else is ready
+        with it (tokens come in bursts: one write for all); ``[]`` when none came by
+        ``deadline`` (time for a keep-alive), ``None`` once the stream has ended."""
+        batch: list[Event] = []
+        with trio.move_on_at(deadline):
+            try:
+                batch.append(await self.receive.receive())
+            except trio.EndOfChannel:
+                return None
+            while True:
+                try:
+                    batch.append(self.receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+        return batch
+
     def cancel(self) -> None:
         """Cancel the job's task (idempotent); its stream then ends with ``[DONE]``."""
         self.cancel_scope.cancel()

@@ -41,6 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from .scheduler import SlotCount
+
 #: The outcomes a finished job may have (``job_finished``).
 OUTCOMES = ("completed", "failed", "cancelled", "rejected")
 #: Operations whose counters exist from the start (at 0), so that rates work from the
@@ -56,22 +58,12 @@ TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0,
 
 
 @dataclass(frozen=True)
-class SlotRow:
-    """One worker's slots, as the scheduler sees them."""
-
-    node: str
-    model: str
-    busy: int
-    total: int
-
-
-@dataclass(frozen=True)
 class SchedulerSnapshot:
     """The scheduler's state at one instant (read at each scrape)."""
 
     jobs_queued: int
     jobs_running: int
-    slots: list[SlotRow]
+    slots: list[SlotCount]
 
 
 class _Exposition:

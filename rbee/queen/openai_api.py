@@ -162,22 +162,11 @@ async def _stream(state: "QueenState", job: Job, codec: ChatStream | TextStream,
         if first:
             yield first
         last_write = trio.current_time()
-        while True:
-            # No yield inside the cancel scope: a generator must not suspend inside one.
-            batch: list[bytes] = []
-            with trio.move_on_at(last_write + state.ping_interval_s):
-                try:
-                    batch.append(codec.feed(await job.receive.receive()))
-                except trio.EndOfChannel:
-                    break
-                # Whatever else is ready goes into the same write (tokens come in bursts).
-                while True:
-                    try:
-                        batch.append(codec.feed(job.receive.receive_nowait()))
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-            data = b"".join(batch)
-            if data or not batch:
+        # The keep-alive counts from the last write: events the codec drops (narration,
+        # unless asked for) do not keep a client's connection alive.
+        while (events := await job.receive_batch(last_write + state.ping_interval_s)) is not None:
+            data = b"".join(codec.feed(event) for event in events)
+            if data or not events:
                 yield data or sse.encode_ping()
                 last_write = trio.current_time()
         finished = True

@@ -433,7 +433,10 @@ class Scheduler:
         if not free:
             return None
         # The least loaded worker: copies of a model share the streams.
-        worker = min(free, key=lambda w: (len(w.leases), w.worker_id))
+        return self._grant(min(free, key=lambda w: (len(w.leases), w.worker_id)), job_id)
+
+    def _grant(self, worker: WorkerRecord, job_id: str) -> Slot:
+        """Lease a slot of ``worker`` to ``job_id``: the job runs now, it waits no more."""
         worker.apply("lease", self.clock(), job_id)
         for pending in self._pending.values():
             pending.discard(job_id)
@@ -492,11 +495,7 @@ class Scheduler:
                 return
             ticket, queue = min(heads, key=lambda pair: pair[0].enqueued_at)
             queue.tickets.popleft()
-            worker.apply("lease", self.clock(), ticket.job_id)
-            for pending in self._pending.values():
-                pending.discard(ticket.job_id)
-            self._running.add(ticket.job_id)
-            ticket.granted = Slot(worker, ticket.job_id)
+            ticket.granted = self._grant(worker, ticket.job_id)
             ticket.done.set()
             queue.touch()
 

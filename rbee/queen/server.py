@@ -30,7 +30,7 @@ from .asyncio_bridge import AsyncioBridge
 from .hives import HiveManager, default_local_hive_command
 from .infer import InferJob
 from .jobs import Job, JobRegistry
-from .metrics import QueenMetrics, SchedulerSnapshot, SlotRow
+from .metrics import QueenMetrics, SchedulerSnapshot
 from .nodes import NodeRegistry
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL, Scheduler
 
@@ -67,7 +67,7 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
             scheduler = Scheduler(max_queue=config.max_queue, max_workers_per_model=config.max_workers_per_model)
             metrics = QueenMetrics(lambda: SchedulerSnapshot(
                 jobs_queued=scheduler.jobs_queued, jobs_running=scheduler.jobs_running,
-                slots=[SlotRow(c.node, c.model, c.busy, c.total) for c in scheduler.slot_counts()],
+                slots=scheduler.slot_counts(),
             ))
             hives = HiveManager(outer, bridge, http, home / "run", on_worker_change=scheduler.apply_change,
                                 on_hive_gone=scheduler.hive_gone)

@@ -125,7 +125,7 @@ def test_reader_on_a_terminal_ctrl_c_drops_the_line_and_ctrl_d_leaves(tmp_path: 
 
 
 def test_history_is_saved_and_read_back(tmp_path: Path) -> None:
-    readline = pytest.importorskip("readline")
+    import readline
     path = tmp_path / "chat_history"
     r, _, _ = reader(interactive=True, history=path)
     readline.add_history("remember me")
@@ -139,7 +139,6 @@ def test_history_is_saved_and_read_back(tmp_path: Path) -> None:
 
 
 def test_an_unwritable_history_is_no_failure(tmp_path: Path) -> None:
-    pytest.importorskip("readline")
     r, _, _ = reader(interactive=True, history=tmp_path / "no" / "such" / "dir" / "history")
     r.save_history()  # nothing raised
 

@@ -15,8 +15,8 @@ from rbee.queen.metrics import (
     TOKENS_PER_SECOND_BUCKETS,
     QueenMetrics,
     SchedulerSnapshot,
-    SlotRow,
 )
+from rbee.queen.scheduler import SlotCount as SlotRow
 
 FAMILIES = {
     "rbee_jobs_queued": "gauge",
