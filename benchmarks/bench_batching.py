@@ -178,6 +178,7 @@ class Ours(Server):
         wait_until(lambda: _json_get(f"{self.url}/v1/ready").get("ready") is True, self)
 
     def _wait_for_bind(self) -> str:
+        url = narrated_bind_url(self.process, START_SECONDS)
         if url is None:
             raise RuntimeError(f"llm-worker-rbee never narrated server_bind: {self.failure()}")
         return url

@@ -29,6 +29,16 @@ import trio
 
 PR_SET_PDEATHSIG = 1
 _ON_LINUX = sys.platform.startswith("linux")
+#: The bearer token of rbee's daemons: a child that rbee starts gets its own key instead
+#: (a hive its ``--token-file``, a worker ``RBEE_WORKER_API_KEY``), never its parent's.
+RBEE_SECRETS = ("RBEE_API_TOKEN",)
+#: The Hugging Face token (both spellings huggingface_hub reads): only a hive downloads.
+HF_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def env_without(*names: str) -> dict[str, str]:
+    """Our environment minus ``names``: what a child gets, without the secrets it has no use for."""
+    return {key: value for key, value in os.environ.items() if key not in names}
 
 
 def _prctl():  # type: ignore[no-untyped-def]

@@ -55,6 +55,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Mapping
 
@@ -168,27 +169,117 @@ RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 # -- JSON helpers -------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+#: JSON nested deeper than this is refused before it is parsed: no request of ours nests
+#: more than a few levels (a ``response_format`` schema a dozen or so), and Python's
+#: parser (and every checker that walks the result) recurses once per level, so 50,000
+#: ``[`` would be a ``RecursionError``, not an answer.
+MAX_JSON_DEPTH = 64
+
+# The depth scan runs in C (a loop over the characters in Python would take seconds for a
+# 16 MiB body of brackets): drop the strings (escapes included: the unrolled loop matches a
+# 5 MB prompt in one go), then every ASCII character but brackets (outside strings JSON has
+# no other), with ``{}`` as ``[]`` (the parser checks that they match); then each pass drops
+# the innermost pairs: one nesting level. A run of openers is as deep as it is long.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_ONLY_BRACKETS = {code: None for code in range(128) if chr(code) not in "[]{}"} | {ord("{"): "[", ord("}"): "]"}
+_TOO_MANY_OPENERS = "[" * (MAX_JSON_DEPTH + 1)
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The JSON object in ``body``, or ``InvalidRequestError`` when it is not one.
+class _Constant:
+    """Where ``NaN``, ``Infinity`` or ``-Infinity`` stood in a parsed body (``name``)."""
 
-    ``NaN`` and ``Infinity`` are not JSON (Python's parser accepts them by default).
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _body_problem(constraint: str, message: str, *, field: str = "(body)") -> InvalidRequestError:
+    return InvalidRequestError(message, details=[{"field": field, "constraint": constraint, "message": message}])
+
+
+def _too_deep(text: str) -> bool:
+    """Whether the JSON ``text`` nests arrays and objects deeper than ``MAX_JSON_DEPTH``
+    (brackets inside strings do not count). Text that is not JSON may pass: the parser
+    says what is wrong with it."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False  # cannot nest deeper than it has brackets
+    brackets = _JSON_STRING.sub("", text).translate(_ONLY_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if _TOO_MANY_OPENERS in brackets:
+            return True
+        shallower = brackets.replace("[]", "")
+        if not shallower or len(shallower) == len(brackets):
+            return False
+        brackets = shallower
+    return "[]" in brackets  # a pair left after as many levels
+
+
+def _constant_path(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, which) of the first ``_Constant`` in a parsed body (``max_tokens``,
+    ``messages[0].content``); the body's depth was bounded before it was parsed."""
+    if isinstance(value, _Constant):
+        return path or "(body)", value.name
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{n}]", item) for n, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = _constant_path(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_json_object(body: bytes, *, required: bool = True) -> dict[str, Any]:
+    """The JSON object in a request ``body``, or ``InvalidRequestError`` (400) naming why not.
+
+    Refused, each with its own message and ``details`` constraint: an empty body
+    (``required``; otherwise it is ``{}``), bytes that are not UTF-8 (naming the byte
+    offset), JSON nested deeper than ``MAX_JSON_DEPTH`` (found by a scan, before the
+    parser recurses), text that is not JSON, ``NaN``/``Infinity``/``-Infinity`` (not JSON,
+    although Python's parser takes them: naming the field), and any JSON value but an object.
+    A leading UTF-8 byte order mark is ignored (RFC 8259 lets a parser do so).
     """
+    bom = 3 if body.startswith(b"\xef\xbb\xbf") else 0
+    body = body[bom:]
+    if not body.strip():
+        if not required:
+            return {}
+        raise _body_problem("required", "the request body is empty: send a JSON object")
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequestError(
-            f"the request body is not JSON: {exc}",
-            details=[{"field": "(body)", "constraint": "json", "message": "the body must be a JSON object"}],
-        ) from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _body_problem("utf-8", f"the request body is not UTF-8: byte 0x{body[exc.start]:02x} at offset "
+                                     f"{bom + exc.start} ({exc.reason}); send JSON encoded as UTF-8") from None
+    if _too_deep(text):
+        raise _body_problem(f"max_depth:{MAX_JSON_DEPTH}",
+                            f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels; "
+                            f"no rbee request nests that deep")
+    constants: list[_Constant] = []
+
+    def constant(name: str) -> _Constant:
+        constants.append(_Constant(name))
+        return constants[-1]
+
+    try:
+        obj = json.loads(text, parse_constant=constant)
+    except RecursionError:  # the scan passes what is not JSON; the parser may still recurse on it
+        raise _body_problem(f"max_depth:{MAX_JSON_DEPTH}", f"the request body nests arrays and objects "
+                                                           f"deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        why = str(exc)
+        if why.startswith("Exceeds the limit"):  # CPython's int_max_str_digits
+            why = f"a number has more than {sys.get_int_max_str_digits()} digits"
+        raise _body_problem("json", f"the request body is not JSON: {why}") from None
+    if constants:
+        where, name = _constant_path(obj) or ("(body)", constants[0].name)
+        raise _body_problem("finite", f"{where}: {name} is not JSON (JSON numbers are finite); "
+                                      f"send a number or null", field=where)
     if not isinstance(obj, dict):
-        raise InvalidRequestError(
-            f"the request body must be a JSON object, not {json_type(obj)}",
-            details=[{"field": "(body)", "constraint": "object", "message": "the body must be a JSON object"}],
-        )
+        raise _body_problem("object", f"the request body must be a JSON object, not {json_type(obj)}")
     return obj
 
 

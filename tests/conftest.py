@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -30,3 +32,13 @@ def rbee_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("RBEE_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def silent_ssh_port() -> Iterator[int]:
+    """A TCP port that accepts connections (kernel backlog) but never says a word: an SSH
+    node that never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield s.getsockname()[1]

@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import httpx
 import trio
 
-from .. import errors
-from ..errors import JobError, NarrationError, QueenUnreachableError, RbeeError
+from ..errors import JobError, NarrationError, QueenUnreachableError, RbeeError, error_for_code
 from ..http_client import async_client
 from ..narration import sse
 from ..narration.events import Done, Event
@@ -36,18 +35,6 @@ from ..narration.events import Done, Event
 #: How long a cleanup ``DELETE`` may take after the caller left (or was cancelled):
 #: the caller is already on its way out, so this is a bound, not a policy.
 CANCEL_GRACE_S = 2.0
-
-_ERRORS_BY_CODE: dict[str, type[RbeeError]] = {}
-
-
-def _collect_error_classes(cls: type[RbeeError]) -> None:
-    for sub in cls.__subclasses__():
-        _ERRORS_BY_CODE.setdefault(sub.code, sub)
-        _collect_error_classes(sub)
-
-
-_collect_error_classes(errors.RbeeError)
-
 
 @dataclass(frozen=True, slots=True)
 class JobSubmission:
@@ -66,8 +53,7 @@ def error_from_response(response: httpx.Response) -> RbeeError:
     except (ValueError, KeyError, TypeError):
         text = response.content[:200].decode("utf-8", "replace")
         return JobError(f"{response.request.url} answered HTTP {response.status_code}: {text}")
-    cls = _ERRORS_BY_CODE.get(code, RbeeError)
-    return cls(message, details=details, code=code)
+    return error_for_code(code, message, details)
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -82,12 +68,19 @@ def open_http_client(base_url: str, token: str | None = None) -> httpx.AsyncClie
 
 
 @contextlib.contextmanager
-def _translate_transport_errors(queen_url: str):
+def _translate_transport_errors(queen_url: str, answered: Callable[[], bool] = lambda: False):
+    """httpx's transport errors as one line: before the queen ``answered``, nothing
+    listens there (and the fix is to start one); after, it went away mid-job."""
     try:
         yield
     except httpx.TransportError as exc:
+        detail = f"{type(exc).__name__}: {exc or 'no detail'}"
+        if answered():
+            raise QueenUnreachableError(
+                f"queen-rbee at {queen_url} went away in the middle of the job ({detail}); the job ended with it"
+            ) from None
         raise QueenUnreachableError(
-            f"queen-rbee at {queen_url} is not reachable ({type(exc).__name__}: {exc or 'no detail'});"
+            f"queen-rbee at {queen_url} is not reachable ({detail});"
             " start one with `rbee-keeper queen start` or set RBEE_QUEEN_URL"
         ) from None
 
@@ -175,7 +168,7 @@ async def open_job_stream(
         job_id: str | None = None
         stream: JobStream | None = None
         try:
-            with _translate_transport_errors(queen_url):
+            with _translate_transport_errors(queen_url, answered=lambda: job_id is not None):
                 async with client.stream("POST", "/v2/tasks", json=dict(request)) as response:
                     if response.status_code != 200:
                         await response.aread()

@@ -1,6 +1,7 @@
 """The hive's HTTP API (quart-trio), DESIGN.md's Hive section plus what the queen needs.
 
 - ``GET /v1/health`` (also ``/health``): no token needed.
+- ``GET /openapi.json``: this API as an OpenAPI 3.1 document (``rbee.openapi``); no token needed.
 - ``GET /v1/detect``: the node's backends and devices (``rbee-hive detect``'s JSON).
 - ``GET /v1/workers`` -> ``{"workers": [{worker_id, url, state, model_ref, sha256, backend,
   device, pid, ctx_size, slots: {total, busy}, memory_bytes, idle_timeout_s, api_key}]}``;
@@ -27,7 +28,7 @@
   ``download_complete`` narration, or an ``error`` event; then ``[DONE]``.
 - ``POST /v1/shutdown`` -> 202: stop every worker, then exit.
 
-Errors are rbee's envelope ``{"error": {"code", "message", "details"}}``, never a traceback.
+Errors are rbee's envelope ``{"error": {"code", "message", "details", "type", "param"}}``, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,11 +39,10 @@ from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
-from ..errors import InvalidRequestError
-from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
+from ..http_common import install_error_edge, json_body, sse_response, streaming_app
 from ..narration import narrate
+from ..openapi import HIVE, OPENAPI_PATH, served_document
 from .auth import check_request
 from .config import ACTOR
 from .eventlog import sse_body
@@ -50,44 +50,26 @@ from .events import sse_body as worker_events_body
 from .service import HiveState
 
 
-async def _json_body() -> Any:
-    body = await request.get_json(force=True, silent=True)
-    if body is None:
-        raise InvalidRequestError("the request body must be JSON")
-    return body
-
-
 def create_app(state: HiveState) -> QuartTrio:
     """The quart-trio app of one hive."""
     # A spawn waits for a download, and narration streams last as long as their worker.
     app = streaming_app("rbee-hive")
-    answer_rbee_errors_as_envelopes(app)
+    install_error_edge(app, "rbee-hive", on_bug=lambda exc: traceback.print_exception(exc, file=sys.stderr))
 
     @app.before_request
     async def check_token() -> Any:
         check_request(request.path, request.headers.get("Authorization"), state.api_token)
         return None
 
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
-        status = exc.code or 500
-        if status == 404:
-            message = f"no route {request.method} {request.path} on this hive"
-        else:
-            message = f"{request.method} {request.path}: {exc.description}"
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(status, "http_error")
-        return {"error": {"code": code, "message": message, "details": None}}, status
-
-    @app.errorhandler(Exception)
-    async def bug(exc: Exception) -> tuple[dict[str, Any], int]:
-        traceback.print_exception(exc, file=sys.stderr)
-        return {"error": {"code": "internal_error", "message": f"rbee-hive bug: {exc!r}", "details": None}}, 500
-
     @app.get("/v1/health")
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "hostname": state.node.get("hostname"), "workers": len(state.workers.list()),
                 "rbee_version": state.node.get("rbee_version")}
+
+    @app.get(OPENAPI_PATH)
+    async def openapi_document() -> dict[str, Any]:
+        return served_document(HIVE, app.url_map)
 
     @app.get("/v1/detect")
     async def detect() -> dict[str, Any]:
@@ -99,12 +81,12 @@ def create_app(state: HiveState) -> QuartTrio:
 
     @app.post("/v1/workers/spawn")
     async def spawn() -> tuple[dict[str, Any], int]:
-        worker = await state.spawn(await _json_body())
+        worker = await state.spawn(await json_body())
         return worker.public(with_key=True), 201
 
     @app.post("/v1/workers/ready")
     async def ready() -> dict[str, Any]:
-        body = await request.get_json(force=True, silent=True)
+        body = await json_body()
         worker = state.workers.mark_ready(request.headers.get("Authorization"), body)
         return {"worker_id": worker.worker_id, "state": worker.state}
 
@@ -119,8 +101,11 @@ def create_app(state: HiveState) -> QuartTrio:
 
     @app.post("/v1/workers/<worker_id>/shutdown")
     async def worker_shutdown(worker_id: str) -> dict[str, Any]:
+        # Optional body {"reason": why, "kill": true}: the queen kills a stalled worker.
+        body = await json_body(required=False)
+        reason = body.get("reason") if isinstance(body.get("reason"), str) else "asked over HTTP"
         worker = state.workers.get(worker_id)
-        await state.workers.stop(worker, "asked over HTTP")
+        await state.workers.stop(worker, reason[:200], kill=body.get("kill") is True)
         return {"worker_id": worker_id, "state": "stopped", "exit_code": worker.returncode}
 
     @app.get("/v1/models")
@@ -129,11 +114,11 @@ def create_app(state: HiveState) -> QuartTrio:
 
     @app.post("/v1/models/resolve")
     async def resolve_model() -> dict[str, Any]:
-        return await state.resolve_model(await _json_body())
+        return await state.resolve_model(await json_body())
 
     @app.post("/v1/models/download")
     async def download() -> tuple[dict[str, Any], int]:
-        record = await state.start_download(await _json_body())
+        record = await state.start_download(await json_body())
         return {"download_id": record.download_id, "model_ref": record.reference}, 202
 
     @app.get("/v1/models/download/<download_id>/progress")

@@ -8,14 +8,15 @@ A token is never narrated or logged.
 
 from __future__ import annotations
 
-import hmac
 import os
 from pathlib import Path
 
 from ..errors import AuthError
+from ..http_common import check_bearer
+from ..openapi import OPENAPI_PATH
 
-#: Routes anyone may call.
-OPEN_PATHS = frozenset({"/v1/health", "/health"})
+#: Routes anyone may call: health, and the OpenAPI document (it holds nothing secret).
+OPEN_PATHS = frozenset({"/v1/health", "/health", OPENAPI_PATH})
 #: Routes that authenticate with a worker's own key rather than the hive token.
 WORKER_KEY_PATHS = frozenset({"/v1/workers/ready"})
 
@@ -33,14 +34,8 @@ def load_token(token_file: Path | None) -> str | None:
     return os.environ.get("RBEE_API_TOKEN") or None
 
 
-def bearer_matches(header: str | None, token: str) -> bool:
-    """``header`` is exactly ``Bearer <token>`` (constant time in the token's length)."""
-    return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())
-
-
 def check_request(path: str, header: str | None, token: str | None) -> None:
     """``AuthError`` unless ``path`` is open or ``header`` carries the token."""
     if token is None or path in OPEN_PATHS or path in WORKER_KEY_PATHS:
         return
-    if not bearer_matches(header, token):
-        raise AuthError("missing or wrong bearer token (the hive's RBEE_API_TOKEN or --token-file)")
+    check_bearer(token, header, hint="the hive's RBEE_API_TOKEN or --token-file")

@@ -13,6 +13,12 @@ Schema changes are migrations, numbered by SQLite's ``PRAGMA user_version``: ope
 database runs the ones it has not seen, in one transaction each. The journal is WAL, so
 readers (``rbee-hive`` and, say, a ``sqlite3`` shell) never block on a writer and never
 see half a write.
+
+A file SQLite cannot read as a database (or whose ``quick_check`` fails) is found at open:
+it is moved aside as ``models.db.corrupt-<UTC time>`` and a new, empty catalog takes its
+place (``set_aside`` says where the old one went; the hive then registers the model files
+under ``$RBEE_HOME/models`` again, ``provision.rebuild_catalog``). A catalog that cannot be
+opened or written (read-only or full ``RBEE_HOME``) is a ``StateError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
+
+from ..errors import StateError
+from ..paths import ensure_dir, set_aside, sqlite_is_corrupt, sqlite_state_error
 
 #: How long a connection waits for another writer's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 10_000
@@ -93,21 +102,46 @@ class ModelCatalog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        #: Where a damaged catalog found at open was moved, and what SQLite said of it.
+        self.set_aside: Path | None = None
+        self.damage = ""
+        ensure_dir(self.path.parent)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if not sqlite_is_corrupt(exc):
+                raise
+            self.damage = str(exc)
+            self.set_aside = set_aside(self.path)
+            self._open()
+
+    def _open(self) -> None:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
+            # A damaged page may only show when it is read: look at every page once, at
+            # open (milliseconds for a catalog's few rows), not in the middle of a spawn.
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({verdict})")
             migrate(db)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            try:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA foreign_keys=ON")
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                yield db
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            # A read-only or full RBEE_HOME, at open or at any later write: one line.
+            state = sqlite_state_error(self.path, exc)
+            if state is None:
+                raise
+            raise state from None
 
     def schema_version(self) -> int:
         """The ``user_version`` of the file (``SCHEMA_VERSION`` once opened here)."""
@@ -172,9 +206,9 @@ def migrate(db: sqlite3.Connection, *, upto: int = SCHEMA_VERSION) -> int:
     with _transaction(db):
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"models.db has schema version {version}, newer than this rbee-hive knows ({SCHEMA_VERSION});"
-                " upgrade rbee"
+            raise StateError(
+                f"models.db has schema version {version}, newer than this rbee-hive knows ({SCHEMA_VERSION}):"
+                " a newer rbee wrote it; upgrade rbee on this node"
             )
         for number in range(version + 1, upto + 1):
             for statement in MIGRATIONS[number - 1]:

@@ -8,7 +8,9 @@ PID files (``$RBEE_HOME/workers/<worker_id>.pid``, JSON ``{pid, worker_id, hive_
 outlive a hive that crashed in a way the death signal did not cover (a worker that ignored
 SIGTERM). A hive starting sweeps them: a file whose hive is gone and whose PID is still an
 ``llm-worker-rbee`` with that worker id on its command line gets SIGTERM, then SIGKILL. A
-PID that now belongs to another program is left alone.
+PID that now belongs to another program is left alone. Every file of a gone hive is removed,
+whatever its worker's fate (already gone, ended now, someone else's PID), and so are files
+that cannot be read and the temporary file of a write that a crash interrupted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ..lifetime import popen_dying_with_us
 WORKER_PROGRAM = "llm-worker-rbee"
 #: How long a stale worker gets between SIGTERM and SIGKILL at sweep time.
 SWEEP_GRACE_S = 3.0
+#: A temporary PID file older than this was left by a crash, not by a write under way.
+TMP_STALE_S = 10.0
 
 
 def start_child(argv: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -39,10 +43,14 @@ def pid_file(directory: Path, worker_id: str) -> Path:
     return directory / f"{worker_id}.pid"
 
 
+def _tmp_file(directory: Path, worker_id: str) -> Path:
+    return directory / f".{worker_id}.pid.tmp"
+
+
 def write_pid_file(directory: Path, worker_id: str, pid: int) -> None:
     """Record a running worker (written atomically: a sweep never reads half a file)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{worker_id}.pid.tmp"
+    tmp = _tmp_file(directory, worker_id)
     tmp.write_text(json.dumps({"pid": pid, "worker_id": worker_id, "hive_pid": os.getpid()}))
     os.replace(tmp, pid_file(directory, worker_id))
 
@@ -76,6 +84,12 @@ def sweep_stale_workers(directory: Path) -> list[tuple[str, int, str]]:
     swept: list[tuple[str, int, str]] = []
     if not directory.is_dir():
         return swept
+    for tmp in directory.glob(".*.pid.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > TMP_STALE_S:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     for path in sorted(directory.glob("*.pid")):
         try:
             record = json.loads(path.read_text())

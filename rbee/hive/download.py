@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ..errors import ProvisionError
+from ..errors import ChecksumMismatchError, ModelNotFoundError, ProvisionError, RbeeError
 from ..requests import ModelRef
 
 #: Progress narration is rate-limited to this many events per second.
@@ -115,22 +115,20 @@ def resolve_hub_file(ref: ModelRef) -> HubFile:
         if filename is None or filename not in siblings:
             ggufs = sorted(n for n in siblings if n.lower().endswith(".gguf"))
             wanted = ref.filename or ref.quant or "Q4_K_M, Q5_K_M, Q8_0 or F16"
-            raise ProvisionError(
+            raise ModelNotFoundError(
                 f"{ref.reference}: {ref.repo} on the Hub has no GGUF for {wanted}; its GGUF files: "
                 f"{', '.join(ggufs) or 'none'}" + (f" (name one: hf:{ref.repo}/FILE.gguf)" if ggufs else ""),
-                code="model_not_found",
             )
         sibling = siblings[filename]
         revision = info.sha or "main"
         url = hf_hub_url(ref.repo, filename, revision=revision)
         meta = get_hf_file_metadata(url)
-    except ProvisionError:
+    except RbeeError:
         raise
     except hf_errors.RepositoryNotFoundError:
-        raise ProvisionError(
+        raise ModelNotFoundError(
             f"{ref.reference}: the repository {ref.repo} does not exist on the Hugging Face Hub, or it is "
             "private/gated and HF_TOKEN is not set: check the name (org/repo), or set HF_TOKEN",
-            code="model_not_found",
         ) from None
     except hf_errors.OfflineModeIsEnabled:
         raise ProvisionError(offline_message(ref)) from None
@@ -168,7 +166,7 @@ def install_verified(part: Path, dest: Path, *, actual: str, expected: str, mism
     """
     if actual != expected:
         part.unlink(missing_ok=True)
-        raise ProvisionError(mismatch, code="checksum_mismatch")
+        raise ChecksumMismatchError(mismatch)
     os.replace(part, dest)
 
 

@@ -8,6 +8,7 @@ kept; only scalars and strings are returned.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,48 +19,74 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 
 
+#: No string of a header is longer (the largest real ones, chat templates, are some KiB).
+MAX_STRING_BYTES = 16 * 1024 * 1024
+#: Arrays of arrays nest no deeper than this (real GGUFs have none).
+MAX_ARRAY_DEPTH = 4
+_CORRUPT = "the GGUF header is corrupt"
+
+
 class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
+    """Reads a header bounded by the file's size: a length or count that the file cannot
+    hold is a ``ModelLoadError``, never a huge read, an ``OverflowError`` or a seek past the end."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
         self.f = f
+        self.size = size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
 
     def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
+        if n > self.left():
             raise ModelLoadError("the GGUF header ends early: the file is truncated")
-        return data
+        return self.f.read(n)
 
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        return self.take(self.unpack("<Q")).decode("utf-8", "replace")
+        length = self.unpack("<Q")
+        if length > MAX_STRING_BYTES:
+            raise ModelLoadError(f"{_CORRUPT}: a string longer than {MAX_STRING_BYTES} bytes")
+        return self.take(length).decode("utf-8", "replace")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
             item_kind, count = self.unpack("<I"), self.unpack("<Q")
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ModelLoadError(f"{_CORRUPT}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
             if item_kind in _SCALARS:
-                self.f.seek(struct.calcsize(_SCALARS[item_kind]) * count, 1)
+                skip = struct.calcsize(_SCALARS[item_kind]) * count
+                if skip > self.left():
+                    raise ModelLoadError("the GGUF header ends early: the file is truncated")
+                self.f.seek(skip, 1)
             else:
                 for _ in range(count):
-                    self.value(item_kind)
+                    self.value(item_kind, depth + 1)
             return None
-        raise ModelLoadError(f"unknown GGUF value type {kind}")
+        raise ModelLoadError(f"{_CORRUPT}: a value of an unknown type")
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The scalar and string key/values of a GGUF header; ``ModelLoadError`` if not a GGUF."""
+    """The scalar and string key/values of a GGUF header; ``ModelLoadError`` if not a GGUF.
+
+    The messages never quote the file's bytes nor name the file: the caller names what
+    the user asked for (a ``file:`` reference may be a symlink whose target is not theirs
+    to learn).
+    """
     try:
         with open(path, "rb") as f:
-            r = _Reader(f)
-            if r.take(4) != b"GGUF":
-                raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic)")
+            r = _Reader(f, os.fstat(f.fileno()).st_size)
+            if r.left() < 4 or r.take(4) != b"GGUF":
+                raise ModelLoadError("not a GGUF file (it does not begin with the GGUF magic)")
             version = r.unpack("<I")
             if version < 2:
-                raise ModelLoadError(f"{path} is GGUF version {version}; llama.cpp needs version 2 or newer")
+                raise ModelLoadError(f"GGUF version {version}; llama.cpp needs version 2 or newer")
             r.unpack("<Q")  # tensor count
             kv_count = r.unpack("<Q")
             meta: dict[str, Any] = {"gguf.version": version}
@@ -70,7 +97,9 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
                     meta[key] = value
             return meta
     except OSError as exc:
-        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+        raise ModelLoadError(f"the model file cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except (OverflowError, MemoryError, RecursionError, ValueError, struct.error):
+        raise ModelLoadError(_CORRUPT) from None
 
 
 def kv_cache_bytes(meta: dict[str, Any], ctx_size: int) -> int | None:

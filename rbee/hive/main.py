@@ -9,8 +9,8 @@ from pathlib import Path
 import cyclopts
 import trio
 
-from ..errors import RbeeError
-from .config import HiveConfig, idle_timeout_from_env, worker_parallel_from_env
+from ..errors import RbeeError, StateError, single_cause
+from .config import ACTOR, HiveConfig, idle_timeout_from_env, worker_parallel_from_env
 
 app = cyclopts.App(name="rbee-hive", help="The rbee pool manager of one node: models, preflight, workers.",
                    version_flags=[])
@@ -55,8 +55,24 @@ def daemon(
     except (RbeeError, ValueError) as exc:
         print(f"rbee-hive: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    trio.run(serve, config)
+    try:
+        trio.run(serve, config)
+    except Exception as exc:
+        cause = single_cause(exc)
+        if not isinstance(cause, StateError):
+            raise
+        return _state_fault(cause)
     return 0
+
+
+def _state_fault(exc: StateError) -> int:
+    """A state directory that cannot be used (read-only, full): one line on stderr for a
+    person, and the same as narration on stdout for the queen that reads it; exit 1."""
+    from ..narration import narrate
+
+    narrate(ACTOR, "hive_failed", exc.message, level="error")
+    print(f"rbee-hive: {exc.message}", file=sys.stderr)
+    return 1
 
 
 @app.command
@@ -64,7 +80,11 @@ def detect() -> int:
     """Print this node's backends, devices (with memory) and free disk as JSON."""
     from .detect import detect_node
 
-    print(json.dumps(detect_node(), indent=2))
+    try:
+        print(json.dumps(detect_node(), indent=2))
+    except StateError as exc:
+        print(f"rbee-hive: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,8 @@
 """Provisioning: turn a model reference into a verified, catalogued file on this node.
 
 ``resolve(ref)`` is cheap and answers "which file, how big, is it here already?" (the
-catalog, else the Hub's metadata, the embedded package or the local file), so that
+catalog, else the Hub's metadata, the embedded package or the local file, which must lie
+under the model directories: ``rbee.paths.confined_model_file``), so that
 preflight can run before anything is fetched. ``ensure(resolution)`` then makes the file
 present: a download, an assembly of the embedded model, or a hash of a local file, each
 followed by a catalog row. Nothing is fetched again once the catalog holds it.
@@ -19,16 +20,17 @@ import math
 import sys
 import traceback
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import trio
 
-from ..errors import ProvisionError, RbeeError
+from ..errors import ModelLoadError, ModelNotFoundError, ProvisionError, RbeeError, error_for_code
 from ..narration import narrate
 from ..narration.events import Event
-from ..paths import models_dir
-from ..requests import ModelRef
+from ..paths import confined_model_file, model_not_found, models_dir, state_error
+from ..requests import EMBEDDED_ALIAS, ModelRef, parse_reference
 from . import download, embedded
 from .catalog import CatalogEntry, ModelCatalog, utc_now
 from .gguf_header import kv_cache_bytes, read_gguf_metadata
@@ -103,6 +105,60 @@ def kv_bytes_at(path: Path, ctx_size: int) -> int | None:
         return None
 
 
+def rebuild_catalog(catalog: ModelCatalog, root: Path) -> list[CatalogEntry]:
+    """Register again the model files rbee itself placed under ``root`` (``$RBEE_HOME/models``),
+    after a damaged catalog was set aside; returns the new rows.
+
+    What is found there is trusted to be whole: a download or an assembly gives a file its
+    final name only after its sha256 matched. Each file is hashed now, because a row
+    records the sha256 (the model's identity for the queen): about a second per GiB, once.
+    The embedded model counts only if it is the package's (its sha256 is known). Not found
+    again, and registered on their next use instead (hashed then, or asked of the Hub):
+    ``file:`` models in other folders, files used where they are in the Hugging Face cache,
+    and the aliases (``hf:org/repo`` → its file). Blocking: run it in a thread.
+    """
+    found: list[CatalogEntry] = []
+
+    def register(reference: str, provider: str, file: str, path: Path, sha256: str) -> None:
+        stat = path.stat()
+        written = datetime.fromtimestamp(stat.st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        entry = CatalogEntry(reference=reference, provider=provider, file=file, local_path=str(path),
+                             size=stat.st_size, sha256=sha256, downloaded_at=written)
+        catalog.add(entry)
+        found.append(entry)
+
+    try:
+        name = embedded.embedded_file_name()
+        path = root / name
+        if path.is_file() and download.sha256_of(path) == embedded.embedded_sha256():
+            register(EMBEDDED_ALIAS, "embedded", name, path, embedded.embedded_sha256())
+    except (RbeeError, OSError):
+        pass  # no embedded package, or its file is not here whole: it is assembled again when asked for
+    hub_root = root / "hf"
+    for path in sorted(hub_root.rglob("*.gguf")) if hub_root.is_dir() else []:
+        parts = path.relative_to(hub_root).parts  # <org>/<repo>/<file in the repository>
+        if len(parts) < 3:
+            continue
+        filename = "/".join(parts[2:])
+        reference = f"hf:{parts[0]}/{parts[1]}/{filename}"
+        try:
+            if not path.is_file() or parse_reference(reference).reference != reference:
+                continue
+            register(reference, "hf", filename, path, download.sha256_of(path))
+        except (RbeeError, OSError):
+            continue  # not laid out as rbee lays downloads out, or unreadable: left alone
+    return found
+
+
+def _os_error(res: Resolution, exc: OSError) -> RbeeError:
+    """A file operation of a provisioning failed: a ``file:`` that went away (or became
+    unreadable) since it was resolved gets the answer it would get now; anything else is
+    the state directory's trouble (a full disk, most of the time), in one line."""
+    if res.provider == "file":
+        return model_not_found(res.ref.reference)
+    return state_error(exc.filename or res.local_path.parent, exc)
+
+
 class _Flight:
     def __init__(self) -> None:
         self.done = trio.Event()
@@ -122,15 +178,31 @@ class Provisioner:
         self._flights: dict[str, _Flight] = {}
 
     def catalogued(self, reference: str) -> CatalogEntry | None:
-        """The catalog's entry if its file is still there (a vanished file is forgotten)."""
+        """The catalog's entry if its file is still there.
+
+        A row whose file vanished (deleted, or its disk unmounted) is dropped and said in
+        one line; the model is then provisioned again like a new one (downloaded,
+        assembled), and a ``file:`` whose file is gone is refused naming it.
+        """
         entry = self.catalog.get(reference)
         if entry is not None and not entry.file_present():
             self.catalog.remove(entry.reference)
+            narrate(ACTOR, "model_vanished", f"The file of {entry.reference} ({entry.local_path}) is gone from disk: "
+                    "its catalog entry is dropped", level="warn", target=entry.reference)
+            if entry.provider == "file":
+                raise ModelNotFoundError(
+                    f"the model file of {entry.reference} is gone from this node (catalogued at {entry.local_path}; "
+                    "its entry is dropped): put the file back, or pick a model the node has "
+                    "(`rbee-keeper models list --node NODE`)")
             return None
         return entry
 
     async def resolve(self, ref: ModelRef) -> Resolution:
         """Which file ``ref`` means; asks the Hub only when the catalog does not know it."""
+        if ref.provider == "file":
+            # The catalog first (a vanished file is said here, on the Trio thread), then
+            # the file itself in a thread.
+            return await trio.to_thread.run_sync(self._resolve_file, ref, self.catalogued(ref.reference))
         entry = self.catalogued(ref.reference)
         if entry is not None:
             return Resolution(ref, entry.reference, entry.provider, entry.file, entry.size, Path(entry.local_path), entry)
@@ -138,16 +210,28 @@ class Provisioner:
             name = embedded.embedded_file_name()
             return Resolution(ref, ref.reference, "embedded", name, embedded.embedded_size(), models_dir() / name,
                               header_path=embedded.first_chunk())
-        if ref.provider == "file":
-            path = Path(ref.path or "")
-            if not path.is_file():
-                raise ProvisionError(f"model file {path} ({ref.reference}) does not exist on this node: "
-                                     "give the absolute path of a .gguf file that is on it", code="model_not_found")
-            return Resolution(ref, ref.reference, "file", path.name, path.stat().st_size, path)
         hub = await trio.to_thread.run_sync(download.resolve_hub_file, ref)
         entry = self.catalogued(hub.reference)
         dest = models_dir() / "hf" / hub.repo / hub.filename
         return Resolution(ref, hub.reference, "hf", hub.filename, hub.size, Path(entry.local_path) if entry else dest, entry, hub)
+
+    @staticmethod
+    def _resolve_file(ref: ModelRef, entry: CatalogEntry | None) -> Resolution:
+        """A ``file:`` reference: confined to the model directories (also when catalogued:
+        a row from before the file or the directories moved grants nothing), and a GGUF
+        header that reads, so that no worker is started for a file it cannot load.
+
+        Blocking (realpath, open, the header): run it in a thread.
+        """
+        real = confined_model_file(ref.reference, ref.path or "")
+        name = Path(ref.path or "").name  # the name as given: a symlink's target is not echoed
+        if entry is not None and Path(entry.local_path) == real:
+            return Resolution(ref, entry.reference, entry.provider, name, entry.size, real, entry)
+        try:
+            read_gguf_metadata(real)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{ref.reference} cannot be loaded: {exc.message}") from None
+        return Resolution(ref, ref.reference, "file", name, real.stat().st_size, real)
 
     async def ensure(self, res: Resolution, listener: Listener | None = None) -> CatalogEntry:
         """The catalogued file of ``res``, provisioned now if needed (joining a running flight)."""
@@ -178,7 +262,7 @@ class Provisioner:
                 flight.scope.cancel()
         if flight.error is not None:
             err = flight.error
-            raise type(err)(err.message, details=err.details, code=err.code)
+            raise error_for_code(err.code, err.message, err.details)  # a fresh one per waiter, same class
         assert flight.entry is not None
         return flight.entry
 
@@ -194,6 +278,8 @@ class Provisioner:
                     flight.entry = await self._provision(flight, res)
                 except RbeeError as exc:
                     flight.error = exc
+                except OSError as exc:
+                    flight.error = _os_error(res, exc)
                 except Exception as exc:  # noqa: BLE001 - a bug: report it to the waiters, keep the hive
                     traceback.print_exc(file=sys.stderr)
                     flight.error = ProvisionError(f"provisioning {res.reference} failed: {exc!r}")

@@ -1,8 +1,11 @@
 """``serve(config)``: run one hive until it is told to stop, and leave no worker behind.
 
 Startup narration goes to stdout as JSON lines, because that is what the queen reads (over
-SSH for a remote node) before the HTTP server is up: ``hive_start``, ``stale_worker`` for
-each worker a crashed hive left (ended now), ``server_bind`` {port, url}, ``hive_ready``.
+SSH for a remote node) before the HTTP server is up: ``hive_start``, ``model_dirs``,
+``catalog_damaged`` and ``catalog_rebuilt`` when ``models.db`` could not be read,
+``stale_worker`` for each worker a crashed hive left (ended now, its PID file removed),
+``server_bind`` {port, url}, ``hive_ready``. A state directory that cannot be written
+stops the hive before any of it (``StateError``: one line, exit 1; see ``main``).
 
 Shutdown comes from ``POST /v1/shutdown``, SIGTERM/SIGINT (``handle_signals``), or EOF on
 standard input (``watch_stdin``: the SSH session or the parent that started us went
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+from pathlib import Path
 
 import trio
 from hypercorn.trio import serve as hypercorn_serve
@@ -25,14 +29,14 @@ from hypercorn.trio import serve as hypercorn_serve
 from ..http_client import OUR_DAEMONS, async_client
 from ..http_common import hypercorn_config
 from ..narration import narrate
-from ..paths import rbee_home
+from ..paths import check_writable, listed_model_dirs, model_dirs, models_dir, rbee_home
 from .app import create_app
 from .auth import load_token
 from .catalog import ModelCatalog
 from .childproc import sweep_stale_workers
 from .config import ACTOR, HiveConfig
 from .detect import detect_node
-from .provision import Provisioner
+from .provision import Provisioner, rebuild_catalog
 from .service import HiveState
 from .workers import WorkerRegistry
 
@@ -56,14 +60,16 @@ def stdin_is_attached() -> bool:
 async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the hive until shutdown; ``task_status.started(port)`` once it listens."""
     home = rbee_home()
+    check_writable(home)
     token = config.api_token if config.api_token is not None else load_token(None)
     narrate(ACTOR, "hive_start", f"rbee-hive starting (state in {home})", cute="The hive is waking up! 🐝")
+    _narrate_model_dirs()
+    catalog = await _open_catalog(home)
     pid_dir = home / "workers"
     for worker_id, pid, outcome in await trio.to_thread.run_sync(sweep_stale_workers, pid_dir):
         narrate(ACTOR, "stale_worker", f"Stale worker {worker_id} (pid {pid}) from an earlier hive: {outcome}",
                 level="warn", worker_id=worker_id, pid=pid, outcome=outcome)
     node = await trio.to_thread.run_sync(detect_node)
-    catalog = ModelCatalog(home / "models.db")
     # Workers are plain HTTP on loopback: no TLS setup (see rbee.http_client).
     async with async_client(OUR_DAEMONS) as http, trio.open_nursery() as services:
         workers = WorkerRegistry(config, services, http, pid_dir)
@@ -97,6 +103,30 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
                 await http_done.wait()
         services.cancel_scope.cancel()
     narrate(ACTOR, "hive_stopped", "rbee-hive stopped; no worker left")
+
+
+def _narrate_model_dirs() -> None:
+    dirs = ", ".join(str(d) for d in model_dirs())
+    narrate(ACTOR, "model_dirs", f"file: references are taken from {dirs} (add a folder with RBEE_MODEL_DIRS)")
+    for entry in listed_model_dirs()[1]:
+        narrate(ACTOR, "model_dirs", f"RBEE_MODEL_DIRS entry {entry!r} is left out: give folders as absolute paths",
+                level="warn")
+
+
+async def _open_catalog(home: Path) -> ModelCatalog:
+    """``models.db``; a damaged one is set aside (by ``ModelCatalog``) and the catalog
+    rebuilt from the model files under ``$RBEE_HOME/models``, said in one line each."""
+    catalog = await trio.to_thread.run_sync(ModelCatalog, home / "models.db")
+    if catalog.set_aside is not None:
+        root = models_dir()
+        narrate(ACTOR, "catalog_damaged", f"models.db could not be read ({catalog.damage}): kept aside as "
+                f"{catalog.set_aside.name}; rebuilding the catalog from the model files under {root}",
+                level="warn", target=str(catalog.set_aside))
+        rebuilt = await trio.to_thread.run_sync(rebuild_catalog, catalog, root)
+        names = ", ".join(e.reference for e in rebuilt) or "none"
+        narrate(ACTOR, "catalog_rebuilt", f"Catalog rebuilt: {len(rebuilt)} model file(s) registered again ({names});"
+                " other models are registered again when next used", models=len(rebuilt))
+    return catalog
 
 
 async def _serve_http(state: HiveState, stop: trio.Event, done: trio.Event, *,

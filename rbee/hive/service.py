@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from ..errors import BusyError, InvalidRequestError, NotFoundError, RbeeError
+from ..errors import InvalidRequestError, NotFoundError, RbeeError, ShuttingDownError
 from ..narration import narrate
 from ..narration.events import Error
 from ..requests import BACKENDS, parse_reference
@@ -131,7 +131,7 @@ class HiveState:
         """Preflight, provision and start one worker; returns it in state ``loading``."""
         req = validate_spawn(body)
         if self.closing:
-            raise BusyError("the hive is shutting down; it takes no new workers")
+            raise ShuttingDownError("the hive is shutting down; it takes no new workers")
         device = preflight.check_backend(req.backend, req.device, self.node)
         ref = parse_reference(req.model)
         parallel = req.parallel or self.config.worker_parallel
@@ -154,7 +154,7 @@ class HiveState:
                                target=worker_id, needs_bytes=need.total, kv_cache_bytes=need.kv_cache,
                                parallel=parallel, ctx_size=ctx))
             if self.closing:
-                raise BusyError("the hive is shutting down; it takes no new workers")
+                raise ShuttingDownError("the hive is shutting down; it takes no new workers")
             self.catalog.touch(entry.reference)
             worker = self.workers.spawn(worker_id, entry, backend=req.backend, device=req.device,
                                         ctx_size=req.ctx_size, parallel=parallel, planned_bytes=need.total)
@@ -173,7 +173,7 @@ class HiveState:
         if not isinstance(body, dict):
             raise InvalidRequestError("the request body must be a JSON object")
         if self.closing:
-            raise BusyError("the hive is shutting down")
+            raise ShuttingDownError("the hive is shutting down")
         ref = parse_reference(body.get("model"))
         res = await self.provisioner.resolve(ref)
         record = DownloadRecord(download_id=f"download-{secrets.token_hex(6)}", reference=res.reference)
@@ -184,19 +184,12 @@ class HiveState:
     async def resolve_model(self, body: Any) -> dict[str, Any]:
         """``POST /v1/models/resolve``: which file ``body["model"]`` means here, fetching nothing.
 
-        A file or Hub repository/file that does not exist is a 404 ``model_not_found``
-        (the spawn's 422 for the same cause is a failed spawn; here the thing asked about
-        is missing).
+        A file or Hub repository/file that does not exist is a 404 ``model_not_found``.
         """
         if not isinstance(body, dict):
             raise InvalidRequestError("the request body must be a JSON object: {\"model\": REFERENCE}")
         ref = parse_reference(body.get("model"))
-        try:
-            res = await self.provisioner.resolve(ref)
-        except RbeeError as exc:
-            if exc.code == "model_not_found":
-                raise NotFoundError(exc.message, details=exc.details, code=exc.code) from None
-            raise
+        res = await self.provisioner.resolve(ref)  # ModelNotFoundError is a 404 of its own
         return res.public()
 
     async def _run_download(self, record: DownloadRecord, res: Resolution) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
 import os
 import secrets
 import signal
@@ -40,6 +39,8 @@ import httpx
 import trio
 
 from ..errors import AuthError, InvalidRequestError, NotFoundError, WorkerError
+from ..http_common import bearer_matches
+from ..lifetime import HF_SECRETS, RBEE_SECRETS, env_without
 from ..narration import jsonlines, narrate
 from ..narration.events import Event, NarrationEvent, WorkerChange
 from . import childproc
@@ -304,8 +305,9 @@ class WorkerRegistry:
         ]
         if ctx_size:
             argv += ["--ctx-size", str(ctx_size)]
-        env = dict(os.environ)
-        env.pop("RBEE_API_TOKEN", None)  # the worker has its own key; the hive's token stays here
+        # The worker has its own key, and downloads nothing: neither the hive's token nor
+        # the Hugging Face token go to it.
+        env = env_without(*RBEE_SECRETS, *HF_SECRETS)
         env["PYTHONUNBUFFERED"] = "1"
         # The key goes through the environment, not --api-key: a command line is readable
         # by every local user (/proc/PID/cmdline), a process's environment only by its owner.
@@ -432,8 +434,9 @@ class WorkerRegistry:
                 details=[{"field": "worker_id", "constraint": "string", "message": "the id the hive gave the worker"}],
             )
         worker = self._workers.get(body["worker_id"])
-        expected = f"Bearer {worker.api_key}" if worker else f"Bearer {secrets.token_urlsafe(32)}"
-        if not hmac.compare_digest((authorization or "").encode(), expected.encode()) or worker is None:
+        # An unknown id is compared against a fresh random key: the same time as a wrong key.
+        key = worker.api_key if worker else secrets.token_urlsafe(32)
+        if not bearer_matches(authorization, key) or worker is None:
             raise AuthError("the ready callback must carry the bearer key the hive minted for that worker")
         if worker.state == "loading":
             worker.state = "idle"
@@ -443,8 +446,15 @@ class WorkerRegistry:
             self._publish(worker, "ready")
         return worker
 
-    def request_stop(self, worker: Worker, reason: str) -> None:
-        """Begin stopping one worker (once; later calls change nothing)."""
+    def request_stop(self, worker: Worker, reason: str, *, kill: bool = False) -> None:
+        """Begin stopping one worker (once; later calls change nothing but ``kill``).
+
+        ``kill``: SIGKILL its process group at once, for a worker that cannot be asked
+        (stalled: stopped by a signal or wedged in a driver, it would never answer).
+        """
+        if kill and not worker.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)  # not reaped yet (exited unset): ours
         if worker.stopping or worker.exited.is_set():
             return
         worker.stopping = True
@@ -455,15 +465,17 @@ class WorkerRegistry:
         self.events.publish(worker.change("stopping", reason))
         self._nursery.start_soon(self._stop_sequence, worker)
 
-    async def stop(self, worker: Worker, reason: str) -> None:
-        """Stop one worker: POST /v1/shutdown, then SIGTERM, then SIGKILL; returns once it exited."""
-        self.request_stop(worker, reason)
+    async def stop(self, worker: Worker, reason: str, *, kill: bool = False) -> None:
+        """Stop one worker: POST /v1/shutdown, then SIGTERM, then SIGKILL (at once with
+        ``kill``); returns once it exited."""
+        self.request_stop(worker, reason, kill=kill)
         await worker.exited.wait()
 
     async def _stop_sequence(self, worker: Worker) -> None:
         with trio.move_on_after(min(2.0, self.config.stop_grace_s)):
             try:
-                await self._http.post(f"{worker.url}/v1/shutdown",
+                # The reason travels on: a job the worker cuts short ends with it.
+                await self._http.post(f"{worker.url}/v1/shutdown", json={"reason": worker.stop_reason},
                                       headers={"Authorization": f"Bearer {worker.api_key}", "Connection": "close"})
             except httpx.HTTPError:
                 pass  # still loading or wedged: the signals below take over

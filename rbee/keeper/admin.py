@@ -276,6 +276,10 @@ def queen_start(out: Output, port: int | None, host: str) -> int:
     return 0
 
 
+#: How long ``queen stop`` waits for a draining queen (its default grace period + margin).
+QUEEN_DRAIN_WAIT_S = 60.0
+
+
 def queen_stop(out: Output) -> int:
     """``queen stop``: SIGTERM the recorded queen (it stops its hives), wait until gone."""
     record = read_record()
@@ -285,7 +289,10 @@ def queen_stop(out: Output) -> int:
         return 0
     pid = int(record["pid"])
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    # SIGTERM drains: running jobs get the queen's --grace-period (30 s by default) to
+    # finish before it stops its hives; only a queen that outlives that is killed.
+    out.narrate("queen_stop", f"Stopping queen-rbee (pid {pid}): running jobs may finish first")
+    deadline = time.monotonic() + QUEEN_DRAIN_WAIT_S
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     if pid_alive(pid):

@@ -43,7 +43,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import trio
 
-from ..errors import RbeeError
+from ..errors import InternalError, RbeeError, StateError
 from ..paths import rbee_home
 from .conversation import HELP, Conversation, Entry, Phase, PromptReader, sigint_action
 from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_OK
@@ -189,7 +189,7 @@ class ChatSession:
     def _call(self, phase: Phase, afn: Callable[..., Awaitable[T]], *args: Any) -> T | None:
         """Run ``afn`` on the Trio thread in a cancel scope that Ctrl-C cancels; None if it did."""
         if self._token is None:
-            raise RbeeError(f"the keeper's event loop did not start ({self._loop_error!r})")
+            raise InternalError(f"the keeper's event loop did not start ({self._loop_error!r})")
         scope = trio.CancelScope()
         self._scope = scope
         self.interrupting = False
@@ -197,7 +197,7 @@ class ChatSession:
         try:
             return trio.from_thread.run(self._awithin, scope, afn, *args, trio_token=self._token)
         except (trio.RunFinishedError, trio.Cancelled):
-            raise RbeeError(f"the keeper's event loop ended ({self._loop_error!r})") from None
+            raise InternalError(f"the keeper's event loop ended ({self._loop_error!r})") from None
         finally:
             self.phase = "idle"
             self._scope = None
@@ -283,7 +283,13 @@ def run_chat(base: dict[str, Any], system: str | None, narration: str | None) ->
     ``narration`` None means human for the first turn, quiet after it."""
     out = ChatOutput(narration or "human")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    reader = PromptReader(interactive=interactive, history_path=rbee_home() / HISTORY_FILE if interactive else None)
+    history = None
+    if interactive:
+        try:
+            history = rbee_home() / HISTORY_FILE
+        except StateError as exc:  # an unusable RBEE_HOME costs the history, not the chat
+            out.error(f"{exc.message} (chat history off)")
+    reader = PromptReader(interactive=interactive, history_path=history)
     session = ChatSession(base, Conversation(system), out, narration or "quiet")
     try:
         return session.run(reader)

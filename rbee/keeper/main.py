@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, Literal
 
 import cyclopts
 
-from ..errors import InvalidRequestError, NotFoundError, RbeeError
+from ..errors import InvalidRequestError, NotFoundError, RbeeError, StateError, single_cause
 from ..requests import parse_infer_request
 from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_USAGE
 
@@ -65,11 +65,15 @@ def _run(fn: Callable[..., Any], *args: Any, mode: str = "human") -> int:
         if inspect.iscoroutinefunction(fn):
             return trio.run(fn, out, *args)
         return fn(out, *args)
-    except RbeeError as exc:
-        out.error(admin.one_line(exc))
-        return EXIT_JOB_FAILED
-    except OSError as exc:
-        out.error(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
+    except Exception as exc:
+        # A nursery's group of one is its cause: the user reads that, never the group.
+        cause = single_cause(exc)
+        if isinstance(cause, RbeeError):
+            out.error(admin.one_line(cause))
+        elif isinstance(cause, OSError):
+            out.error(f"{cause.strerror or cause}: {getattr(cause, 'filename', '') or ''}".rstrip(": "))
+        else:
+            raise
         return EXIT_JOB_FAILED
 
 
@@ -100,7 +104,8 @@ def infer(
         The node to run on (``localhost``, or one added with ``setup add-node``);
         absent: the queen places the job.
     model
-        Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``.
+        Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``
+        (a file under ``$RBEE_HOME/models``, the Hugging Face cache or a folder in ``RBEE_MODEL_DIRS``).
     prompt
         The prompt text; ``-`` reads it from stdin (all of it, UTF-8). Absent: read from
         stdin when stdin is not a terminal (``echo hi | rbee-keeper infer ...``).
@@ -160,6 +165,8 @@ def infer(
             return _refuse(str(exc), EXIT_USAGE)
         except InvalidRequestError as exc:
             return _refuse(exc.message, EXIT_USAGE)
+    if unusable := _unusable_home():
+        return _refuse(unusable, EXIT_JOB_FAILED)
     return trio.run(run_job, request, Output(narration))
 
 
@@ -185,7 +192,8 @@ def chat(
     Parameters
     ----------
     model
-        Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``.
+        Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``
+        (a file under ``$RBEE_HOME/models``, the Hugging Face cache or a folder in ``RBEE_MODEL_DIRS``).
     node
         The node to run on; absent: the queen places each turn.
     system
@@ -210,6 +218,8 @@ def chat(
         return _refuse(exc.message, EXIT_USAGE)
     if node is not None and (unknown := _unknown_node(node)):
         return _refuse(unknown, EXIT_JOB_FAILED)
+    if unusable := _unusable_home():
+        return _refuse(unusable, EXIT_JOB_FAILED)
     from .chat import run_chat
 
     return run_chat(base, system, narration)
@@ -275,11 +285,27 @@ def _unknown_node(name: str) -> str | None:
         return None
     except NotFoundError as exc:
         missing = exc.message
-    except (OSError, sqlite3.Error):
-        return None  # an unreadable registry: the queen reports it
+    except (OSError, sqlite3.Error, StateError):
+        return None  # an unreadable registry, or none to be had: the queen (or _unusable_home) says so
     from .queen_control import find_queen
 
     return None if trio.run(find_queen) is not None else missing
+
+
+def _unusable_home() -> str | None:
+    """Why no ephemeral queen could run here (``RBEE_HOME`` cannot be written: read-only,
+    full, not a folder) when no queen runs to take the job; else None. Asked before
+    anything starts, so that the answer is one line rather than a failed job."""
+    from ..paths import check_writable, rbee_home
+
+    try:
+        check_writable(rbee_home())
+        return None
+    except StateError as exc:
+        problem = exc.message
+    from .queen_control import find_queen
+
+    return None if trio.run(find_queen) is not None else problem
 
 
 # -- queen --------------------------------------------------------------------------------

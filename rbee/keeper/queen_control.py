@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import httpx
 import trio
@@ -30,7 +30,7 @@ from ..http_client import async_client
 from ..lifetime import ChildProcess, pid_alive
 from ..narration import jsonlines
 from ..narration.events import Event, NarrationEvent
-from ..paths import rbee_home
+from ..paths import ensure_dir, home_path, rbee_home, state_error
 
 DEFAULT_QUEEN_URL = "http://127.0.0.1:8080"
 HEALTH_PROBE_S = 1.0
@@ -56,14 +56,21 @@ def queen_program() -> str:
 
 def record_path() -> Path:
     """Where ``queen start`` records the persistent queen (URL and PID)."""
-    return rbee_home() / "queen.json"
+    return home_path() / "queen.json"
 
 
 def log_path() -> Path:
-    """The queen's stderr log."""
-    path = rbee_home() / "logs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path / "queen.log"
+    """The queen's stderr log (its folder created); ``StateError`` when it cannot be."""
+    return ensure_dir(rbee_home() / "logs") / "queen.log"
+
+
+def open_log(mode: str) -> BinaryIO:
+    """The queen's log, opened to be written; ``StateError`` naming the fix when it cannot be."""
+    path = log_path()
+    try:
+        return open(path, mode)  # the caller closes it
+    except OSError as exc:
+        raise state_error(path, exc) from None
 
 
 def read_record() -> dict | None:
@@ -113,7 +120,7 @@ class EphemeralQueen:
     @classmethod
     async def start(cls, nursery: trio.Nursery, show: Callable[[Event], None]) -> "EphemeralQueen":
         """Start ``queen-rbee --port 0``; relay its narration to ``show`` (for its life)."""
-        with open(log_path(), "ab") as log:
+        with open_log("ab") as log:
             child = ChildProcess([queen_program(), "--port", "0"], capture_stdout=True, stdin_pipe=True, stderr=log)
         switch = _Switch(show)
         url = await nursery.start(_relay_queen_stdout, child, switch)
@@ -180,7 +187,7 @@ async def _relay_queen_stdout(
 def start_persistent(port: int, host: str = "127.0.0.1") -> dict:
     """Start a detached queen (its own session, outliving us); record and return URL/PID."""
     log = log_path()
-    with open(log, "wb") as out:
+    with open_log("wb") as out:
         proc = subprocess.Popen(
             [queen_program(), "--host", host, "--port", str(port)],
             stdin=subprocess.DEVNULL,
@@ -197,7 +204,12 @@ def start_persistent(port: int, host: str = "127.0.0.1") -> dict:
                 continue
             if isinstance(obj, dict) and obj.get("action") == "server_bind":
                 record = {"url": obj["url"], "pid": proc.pid}
-                record_path().write_text(json.dumps(record))
+                try:
+                    record_path().write_text(json.dumps(record))
+                except OSError as exc:
+                    proc.kill()  # unrecorded, nobody could stop it later
+                    proc.wait()
+                    raise state_error(record_path(), exc) from None
                 return record
         if proc.poll() is not None:
             raise QueenStartError(f"queen-rbee exited with {proc.returncode}; see {log}")

@@ -20,8 +20,8 @@ from typing import Any
 import trio
 
 from ..client import open_job_stream
-from ..errors import RbeeError
-from ..narration.events import End, Error, NarrationEvent, Token
+from ..errors import RbeeError, single_cause
+from ..narration.events import End, Error, Token
 from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_OK
 from .output import Output
 from .queen_control import EphemeralQueen, api_token, find_queen
@@ -42,7 +42,6 @@ class _JobOutcome:
 async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobOutcome, started: float) -> None:
     operation = request.get("operation", "infer")
     out.narrate("job_submit", f"Submitting {operation} job to queen-rbee at {url}", target=operation)
-    told = ""  # the error narration shown so far
     async with open_job_stream(url, request, token=api_token()) as job:
         async for event in job:
             kind = type(event)
@@ -56,10 +55,7 @@ async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobO
                 outcome.end = event
             elif kind is Error:
                 outcome.error = event
-                if event.message in told:
-                    continue  # the queen's execute_error line has said it already
-            elif kind is NarrationEvent and event.level == "error":
-                told += event.human
+                continue  # said once, at the end: "Failed: infer — <cause>"
             out.event(event)
 
 
@@ -96,10 +92,14 @@ async def run_job(request: dict[str, Any], out: Output) -> int:
                         url = queen.url
                         queen.mute(True)
                     await _stream(url, request, out, outcome, started)
-                except RbeeError as exc:
-                    out.error(exc.message)
+                except Exception as exc:
+                    cause = single_cause(exc)  # a nursery's group: its one cause, never the group's text
+                    if not isinstance(cause, RbeeError):
+                        raise
+                    out.end_text()
                     operation = request.get("operation", "infer")
-                    out.narrate("job_complete", f"Failed: {operation}", level="error", target=operation)
+                    out.narrate("job_complete", f"Failed: {operation} — {cause.message}", level="error",
+                                target=operation, error_code=cause.code)
                     code = EXIT_JOB_FAILED
             out.end_text()
             if cancelled:
@@ -121,10 +121,32 @@ async def run_job(request: dict[str, Any], out: Output) -> int:
     return code
 
 
+def _failure(operation: str, outcome: _JobOutcome) -> str | None:
+    """Why the job did not deliver its whole answer, or None when it did.
+
+    Exit 0 means the whole answer arrived: an ``error`` event, a stream that ended without
+    ``end``, or an ``end`` stopped as ``cancelled`` (someone else cancelled it: this
+    keeper's own Ctrl-C never gets here) is a failure, whatever came before it.
+    """
+    if outcome.error is not None:
+        return outcome.error.message
+    if operation != "infer":
+        return None
+    if outcome.end is None:
+        return f"the answer stopped after {outcome.tokens} tokens without an end (the stream was cut)"
+    if outcome.end.stop_reason == "cancelled":
+        return f"the job was cancelled by someone else after {outcome.end.tokens_out} tokens"
+    return None
+
+
 def _report(request: dict[str, Any], out: Output, outcome: _JobOutcome, elapsed_s: float) -> int:
     operation = request.get("operation", "infer")
-    if outcome.error is not None:
-        out.narrate("job_complete", f"Failed: {operation}", level="error", target=operation)
+    failure = _failure(operation, outcome)
+    if failure is not None:
+        # The partial answer stays on stdout; stderr says it is not the whole one.
+        code = outcome.error.code if outcome.error is not None else None
+        out.narrate("job_complete", f"Failed: {operation} — {failure}", level="error", target=operation,
+                    error_code=code)
         return EXIT_JOB_FAILED
     out.narrate("job_complete", f"Complete: {operation}", target=operation)
     if operation == "infer":

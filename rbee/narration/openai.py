@@ -408,9 +408,10 @@ def _messages(problems: FieldProblems, messages: Any) -> Any:
             problems.fail(f"{where}.role", "enum:" + "|".join(ROLES),
                           f"{where}.role {role!r}: tool results are not supported (no tools)")
             continue
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             problems.fail(f"{where}.role", "enum:" + "|".join(ROLES),
-                          f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}")
+                          f"{where}.role must be one of {', '.join(ROLES)}, not "
+                          + (repr(role) if isinstance(role, str) else json_type(role)))
             continue
         content = _content(problems, f"{where}.content", message.get("content"))
         if content is not None:

@@ -10,34 +10,49 @@ closes the generator), the job is cancelled unless it was submitted with ``"deta
 
 from __future__ import annotations
 
-import hmac
+import sys
+import traceback
 from typing import Any, AsyncIterator
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
-from ..errors import AuthError, InvalidRequestError, NotFoundError, RbeeError
-from ..http_common import answer_rbee_errors_as_envelopes, sse_response, streaming_app
+from ..errors import InvalidRequestError, NotFoundError, ShuttingDownError
+from ..http_common import check_bearer, install_error_edge, json_body, sse_response, streaming_app
 from ..narration import narrate, sse
-from ..requests import parse_infer_request
+from ..openapi import OPENAPI_PATH, QUEEN, served_document
+from ..requests import json_type, parse_infer_request
 from .infer import submit_checks
 from .jobs import Job
 from .nodes import Node, validate_node_fields
 from .openai_api import register_openai_routes
 from .operations import DownloadJob, validate_download
-from .scheduler import QueueFullError
+from ..errors import QueueFullError
 from .ssh import probe_node
 from .state import QueenState
 
 ACTOR = "queen-rbee"
+#: The routes anyone may call, also with RBEE_API_TOKEN set: health, and the OpenAPI
+#: document (it holds nothing secret).
+OPEN_PATHS = frozenset({"/health", OPENAPI_PATH})
 
 
-def _json_body(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    return body
+def _log_bug(exc: BaseException) -> None:
+    """A bug's traceback goes to the queen's stderr (its log); the client gets one line."""
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+def _detach(body: dict[str, Any]) -> bool:
+    """A job body's ``detach``: true, false or absent (a string such as "false" is a
+    client's mistake, not a request to detach)."""
+    detach = body.get("detach")
+    if detach is not None and not isinstance(detach, bool):
+        raise InvalidRequestError(
+            f"detach must be true or false, not {json_type(detach)}",
+            details=[{"field": "detach", "constraint": "type:boolean", "message": "detach must be true or false"}],
+        )
+    return bool(detach)
 
 
 def submit_infer(state: QueenState, body: dict[str, Any], *, detach: bool = False) -> Job:
@@ -46,6 +61,8 @@ def submit_infer(state: QueenState, body: dict[str, Any], *, detach: bool = Fals
     Checked before the job exists: a bad request is a 400, an unknown node a 404, a full
     queue a 503 with Retry-After; nothing has started for any of them.
     """
+    if state.draining:
+        raise ShuttingDownError("queen-rbee is shutting down: it takes no new jobs (its running jobs finish first)")
     spec = parse_infer_request(body)
     submit_checks(state.nodes, spec)
     try:
@@ -62,42 +79,34 @@ def create_app(state: QueenState) -> QuartTrio:
     """The quart-trio app of one queen."""
     # Streams live as long as their job (a model download can take many minutes).
     app = streaming_app("queen-rbee")
-    answer_rbee_errors_as_envelopes(app)
+    install_error_edge(app, "queen-rbee", on_bug=_log_bug)
     download_job = DownloadJob(state.nodes, state.hives, state.http)
-
-    @app.errorhandler(404)
-    async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
-        return NotFoundError(f"no route {request.method} {request.path}").envelope(), 404
-
-    @app.errorhandler(405)
-    async def wrong_method(exc: HTTPException) -> tuple[dict[str, Any], int]:
-        error = RbeeError(f"{request.method} {request.path}: {exc.description}", code="method_not_allowed")
-        error.http_status = 405
-        return error.envelope(), 405
 
     @app.before_request
     async def check_token() -> Any:
-        if state.api_token is None or request.path == "/health":
-            return None
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {state.api_token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            error = AuthError("missing or wrong bearer token (RBEE_API_TOKEN; for OpenAI clients: the api_key)")
-            return error.envelope(), 401, {"WWW-Authenticate": "Bearer"}
+        if request.path not in OPEN_PATHS:
+            check_bearer(state.api_token, request.headers.get("Authorization"),
+                         hint="RBEE_API_TOKEN; for OpenAI clients: the api_key")
         return None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "jobs": len(state.jobs.list()), "hives": [h.node.name for h in state.hives.running()]}
 
+    @app.get(OPENAPI_PATH)
+    async def openapi_document() -> dict[str, Any]:
+        return served_document(QUEEN, app.url_map)
+
     # -- jobs ---------------------------------------------------------------------------
 
     def submit(body: dict[str, Any]) -> Job:
         operation = body.get("operation", "infer")
         if operation == "infer":
-            return submit_infer(state, body, detach=bool(body.get("detach")))
+            return submit_infer(state, body, detach=_detach(body))
         if operation == "download":
-            return state.jobs.submit("download", validate_download(body), download_job.run, detach=bool(body.get("detach")))
+            if state.draining:
+                raise ShuttingDownError("queen-rbee is shutting down: it takes no new jobs")
+            return state.jobs.submit("download", validate_download(body), download_job.run, detach=_detach(body))
         raise InvalidRequestError(
             f"unknown operation {operation!r}",
             details=[{"field": "operation", "constraint": "infer|download", "message": "what the job does"}],
@@ -108,12 +117,12 @@ def create_app(state: QueenState) -> QuartTrio:
 
     @app.post("/v1/jobs")
     async def create_job() -> tuple[dict[str, Any], int]:
-        job = submit(_json_body(await request.get_json(force=True, silent=True)))
+        job = submit(await json_body())
         return {"job_id": job.job_id, "sse_url": f"/v1/jobs/{job.job_id}/stream"}, 201
 
     @app.post("/v2/tasks")
     async def one_shot_task() -> Response:
-        job = submit(_json_body(await request.get_json(force=True, silent=True)))
+        job = submit(await json_body())
         return stream_response(state.jobs.take_stream(job.job_id))
 
     @app.get("/v1/jobs")
@@ -138,7 +147,7 @@ def create_app(state: QueenState) -> QuartTrio:
 
     @app.post("/v1/nodes")
     async def add_node() -> tuple[dict[str, Any], int]:
-        fields = validate_node_fields(_json_body(await request.get_json(force=True, silent=True)))
+        fields = validate_node_fields(await json_body())
         candidate = Node(**fields)
         narrate(ACTOR, "ssh_probe", f"Testing SSH to node {candidate.name} ({candidate.ssh_host}:{candidate.ssh_port})", node=candidate.name)
         detect, host_key = await probe_node(state.bridge, candidate)
@@ -175,7 +184,16 @@ def create_app(state: QueenState) -> QuartTrio:
 
     @app.post("/v1/workers/shutdown")
     async def shutdown_workers() -> dict[str, Any]:
-        body = await request.get_json(force=True, silent=True) or {}
+        # No body stops every worker; a body names a node and/or a worker, as strings (a
+        # falsy non-string such as 0 or [] must not widen the request to every worker).
+        body = await json_body(required=False)
+        bad = [f for f in ("node", "worker_id") if body.get(f) is not None and not isinstance(body[f], str)]
+        if bad:
+            raise InvalidRequestError(
+                f"invalid workers shutdown request: {' and '.join(bad)} must be a string or null",
+                details=[{"field": f, "constraint": "type:string", "message": f"{f} must be a string or null"}
+                         for f in bad],
+            )
         node, worker_id = body.get("node"), body.get("worker_id")
         stopped = []
         for hive in state.hives.running():

@@ -28,7 +28,7 @@ import trio
 
 from ..client.jobs import error_from_response
 from ..errors import HiveStartError, SshError, WorkerError
-from ..lifetime import ChildProcess
+from ..lifetime import RBEE_SECRETS, ChildProcess, env_without
 from ..narration import get_process_sink, jsonlines, narrate, sse
 from ..narration.events import Done, Event, NarrationEvent, WorkerChange
 from .asyncio_bridge import AsyncioBridge
@@ -60,11 +60,15 @@ class Hive:
         self.child: ChildProcess | None = None
         self._forwards: dict[int, int] = {}  # node port -> local port
         self._last_lines: list[str] = []
+        #: The hive's own last error narration (why it stopped, in its words), if any.
+        self.said_error: str | None = None
 
     def relay(self, event: Event) -> None:
         """Hand one event of the hive's stdout to whoever listens (else the queen's stdout)."""
         if isinstance(event, NarrationEvent) and event.action == "stdout":
             self.remember(event.human)
+        elif isinstance(event, NarrationEvent) and event.actor == HIVE_ACTOR and event.level == "error":
+            self.said_error = event.human
         if self.listeners:
             for sink in list(self.listeners):
                 try:
@@ -238,7 +242,10 @@ class HiveManager:
                     "daemon", "--port", str(node.hive_port), "--token-file", str(token_file),
                 ]
                 try:
-                    hive.child = ChildProcess(argv, capture_stdout=True, stdin_pipe=True)
+                    # The hive's key is its token file: the queen's own token stays here
+                    # (HF_TOKEN goes along: the hive downloads models).
+                    hive.child = ChildProcess(argv, env=env_without(*RBEE_SECRETS), capture_stdout=True,
+                                              stdin_pipe=True)
                 except OSError as exc:
                     raise HiveStartError(
                         f"cannot run {argv[0]!r} on node {node.name} ({exc.strerror or exc});"
@@ -257,6 +264,9 @@ class HiveManager:
             hive.exited.set()
             with trio.CancelScope(shield=True):
                 await self._stop_transport(hive)
+            if node.is_local:
+                # The hive read its key at start; a secret of a hive that is gone stays nowhere.
+                (self._run_dir / f"hive-{node.name}.token").unlink(missing_ok=True)
 
     def _write_token(self, name: str, token: str) -> Path:
         """A 0600 file holding the hive's token (a command line is visible to all users)."""
@@ -287,6 +297,8 @@ class HiveManager:
             if not data:
                 break
         if not started:
+            if hive.said_error:  # it said why (a read-only RBEE_HOME there, say): that is the fix
+                raise HiveStartError(f"rbee-hive on node {hive.node.name} could not start: {hive.said_error}")
             raise HiveStartError(
                 f"rbee-hive on node {hive.node.name} exited before it was ready ({hive.failure_hint()});"
                 f" check that `{hive.node.rbee_hive_command} daemon` runs there"

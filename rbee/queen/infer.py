@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shlex
 from typing import Any, Callable
 
@@ -36,9 +37,16 @@ import httpx
 import trio
 
 from ..client.jobs import auth_headers, error_from_response
-from ..errors import BackendUnavailableError, JobError, RbeeError, WorkerError
+from ..errors import (
+    BackendUnavailableError,
+    RbeeError,
+    WorkerError,
+    WorkerLostError,
+    WorkerStalledError,
+    error_for_code,
+)
 from ..narration import narrate, sse
-from ..narration.events import Done, End, Error, Event, NarrationEvent, Ready, Started, Token
+from ..narration.events import Done, End, Error, Event, NarrationEvent, Prefill, Ready, Started, Token
 from ..requests import InferRequest
 from .hives import Hive, HiveManager
 from .jobs import Job, JobRegistry
@@ -113,6 +121,7 @@ class InferJob:
         spawn_nursery: trio.Nursery,
         on_finished: Callable[[InferRequest, str, End, float | None], None] | None = None,
         on_leased: Callable[[str, float], None] | None = None,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         self.nodes = nodes
         self.hives = hives
@@ -126,6 +135,7 @@ class InferJob:
         self._local_facts: dict[str, Any] | None = None
         self._on_finished = on_finished
         self._on_leased = on_leased
+        self.stall_timeout_s = stall_timeout_s
 
     # -- the job ----------------------------------------------------------------------------
 
@@ -275,7 +285,7 @@ class InferJob:
         wid, node = worker.worker_id, worker.node
         url = await hive.reach(worker.url)
         narrate(ACTOR, "infer_worker", f"Worker {wid} is ready at {worker.url}", target=wid, worker_id=wid, node=node)
-        end, first_token_s = await self._infer(job, req, url, worker.api_key)
+        end, first_token_s = await self._infer(job, req, url, hive, worker)
         if self._on_finished is not None:
             self._on_finished(req, node, end, first_token_s)
         narrate(
@@ -289,9 +299,15 @@ class InferJob:
             tokens_per_sec=end.tokens_per_sec,
         )
 
-    async def _infer(self, job: Job, req: InferRequest, url: str, api_key: str | None) -> tuple[End, float | None]:
-        """Stream one inference from the worker into the job; returns its ``End``."""
-        headers = auth_headers(api_key)
+    async def _infer(self, job: Job, req: InferRequest, url: str, hive: Hive,
+                     worker: WorkerRecord) -> tuple[End, float | None]:
+        """Stream one inference from the worker into the job; returns its ``End``.
+
+        The truth of how it ended: the worker's own error (its class kept, the node named),
+        a broken stream is ``worker_lost``, silence past the stall timeout ``worker_stalled``.
+        """
+        headers = auth_headers(worker.api_key)
+        where = f"worker {worker.worker_id} on node {worker.node}"
         try:
             async with self.http.stream("POST", f"{url}/v1/inference", json=req.worker_body(job.job_id),
                                         headers=headers) as response:
@@ -301,40 +317,69 @@ class InferJob:
                     if response.status_code == 503 and error.code == "full":
                         raise _WorkerFull(error.message)
                     raise error
-                return await self._relay_inference(job, response)
+                return await self._relay_inference(job, response, where, hive, worker)
         except trio.Cancelled:
             with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S):
                 with contextlib.suppress(httpx.TransportError):
                     await self.http.delete(f"{url}/v1/inference/{job.job_id}", headers=headers)
             raise
         except httpx.ConnectError as exc:
-            raise WorkerError(f"the worker at {url} does not answer ({exc})") from None
+            raise WorkerLostError(f"{where} does not answer at {url} ({exc})") from None
         except httpx.TransportError as exc:
-            raise WorkerError(f"the worker at {url} broke the inference stream ({exc})") from None
+            raise WorkerLostError(f"{where} was lost in the middle of the job: its stream broke ({exc})") from None
 
-    async def _relay_inference(self, job: Job, response: httpx.Response) -> tuple[End, float | None]:
+    async def _relay_inference(self, job: Job, response: httpx.Response, where: str, hive: Hive,
+                               worker: WorkerRecord) -> tuple[End, float | None]:
         decoder = sse.Decoder()
         end: End | None = None
         started_at = trio.current_time()
         first_token_s: float | None = None
-        async for chunk in response.aiter_raw():
+        # The stall clock runs from `started` on and is wound by tokens and prefill
+        # progress only: the worker's keep-alive pings say the socket lives, not the job.
+        stall_deadline = math.inf
+        chunks = response.aiter_raw()
+        while True:
+            with trio.move_on_at(stall_deadline):
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+            if trio.current_time() >= stall_deadline:
+                self._kill_stalled(hive, worker)
+                raise WorkerStalledError(f"{where} stalled for {self.stall_timeout_s:g} s: no token and no "
+                                         "prefill progress (--stall-timeout); the worker is being killed")
             for event in decoder.feed(chunk):
                 kind = type(event)
-                if kind is Token:
-                    if first_token_s is None:
+                if kind is Token or kind is Prefill:
+                    stall_deadline = trio.current_time() + self.stall_timeout_s
+                    if kind is Token and first_token_s is None:
                         first_token_s = trio.current_time() - started_at
                 elif kind is Done:
                     if end is None:
-                        raise WorkerError("the worker ended the inference stream without an end event")
+                        raise WorkerLostError(f"{where} ended the job's stream without an end event")
                     return end, first_token_s
                 elif kind is Error:
-                    raise JobError(event.message, code=event.code)
+                    error = error_for_code(event.code, event.message)
+                    if isinstance(error, WorkerError) and worker.node not in error.message:
+                        error.message = f"{error.message} (node {worker.node})"
+                    raise error
                 elif kind is End:
                     end = event
                 elif kind is Started:
                     started_at = trio.current_time()
+                    stall_deadline = started_at + self.stall_timeout_s
                 job.sink(event)
-        raise WorkerError("the worker's inference stream stopped without [DONE]")
+        raise WorkerLostError(f"{where} was lost in the middle of the job: its stream stopped without [DONE]")
+
+    def _kill_stalled(self, hive: Hive, worker: WorkerRecord) -> None:
+        """Ask the worker's hive to kill it (it would not answer a polite stop), in the
+        background: the job fails now. The hive's events then say it is gone."""
+        async def kill() -> None:
+            with contextlib.suppress(RbeeError, httpx.TransportError), trio.move_on_after(10):
+                await hive.request("POST", f"/v1/workers/{worker.worker_id}/shutdown",
+                                   json={"reason": f"stalled for {self.stall_timeout_s:g} s", "kill": True})
+
+        self._spawn_nursery.start_soon(kill)
 
     # -- spawns (in the queen's nursery: they outlive the job that asked) -------------------
 
@@ -382,13 +427,15 @@ class InferJob:
                 memory_bytes=int(spawned.get("memory_bytes") or 0),
                 idle_timeout_s=float(spawned.get("idle_timeout_s") or 0.0), label=want.name,
             ))
-            await self._relay_startup(hive, record, sink, relayed)
+            said_failure = await self._relay_startup(hive, record, sink, relayed)
             if record.state == "gone" or record.worker_id not in self.scheduler.workers:
                 reason = self.scheduler.exit_reasons.get(record.worker_id, "it exited")
-                failure = WorkerError(
-                    f"worker {record.worker_id} for {want.name} on node {hive.node.name} failed to start ({reason});"
-                    " see its narration above"
-                )
+                where = f"worker {record.worker_id} for {want.name} on node {hive.node.name}"
+                if said_failure is not None:
+                    # The worker said why (its load failed): that error, its class kept.
+                    failure = error_for_code(said_failure.code, f"{where} failed to start: {said_failure.message}")
+                else:
+                    failure = WorkerError(f"{where} failed to start ({reason}); see its narration above")
         except RbeeError as exc:
             failure = exc
         finally:
@@ -398,9 +445,11 @@ class InferJob:
                     level="warn", node=hive.node.name, target=want.name)
 
     async def _relay_startup(self, hive: Hive, record: WorkerRecord, sink: Callable[[Event], None],
-                             seen: set[tuple[Any, ...]]) -> None:
-        """Relay the worker's narration until the hive's events say it is ready (or gone)."""
+                             seen: set[tuple[Any, ...]]) -> RbeeError | None:
+        """Relay the worker's narration until the hive's events say it is ready (or gone);
+        returns the error the worker narrated about its own start, if it did."""
         said_ready = trio.Event()
+        said_failure: RbeeError | None = None
         async with trio.open_nursery() as nursery:
 
             async def relay() -> None:
@@ -412,6 +461,11 @@ class InferJob:
                             if isinstance(event, NarrationEvent) and _identity(event) in seen:
                                 continue
                             sink(event)
+                            nonlocal said_failure
+                            if isinstance(event, NarrationEvent) and event.level == "error" \
+                                    and isinstance(event.extra.get("error_code"), str) and said_failure is None:
+                                # e.g. model_load phase=failed: "Cannot load the model: <cause>"
+                                said_failure = error_for_code(str(event.extra["error_code"]), event.human)
                             if isinstance(event, Ready) or (
                                 isinstance(event, NarrationEvent) and event.action in READY_ACTIONS
                             ):
@@ -424,6 +478,7 @@ class InferJob:
             with trio.move_on_after(READY_TAIL_S):
                 await said_ready.wait()
             nursery.cancel_scope.cancel()
+        return said_failure
 
 
 def _free_memory(facts: dict[str, Any] | None) -> int | None:

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..errors import BusyError, NotFoundError, RbeeError
+from ..errors import BusyError, InternalError, JobCancelledError, NotFoundError, RbeeError, single_cause
 from ..narration import narrate, narration_context
 from ..narration.events import Error, Event
 
@@ -96,6 +96,9 @@ class JobRegistry:
         self._nursery = nursery
         self._jobs: dict[str, Job] = {}
         self._on_finished = on_finished
+        #: Why jobs are being cancelled wholesale (the queen's stop after its grace
+        #: period), told to each; None: a job cancelled alone (DELETE, client gone).
+        self.stop_reason: str | None = None
 
     def submit(
         self,
@@ -166,14 +169,19 @@ class JobRegistry:
                         await runner(job)
                     except trio.Cancelled:
                         job.state = "cancelled"
-                        narrate(ACTOR, "execute_cancelled", f"Job {job.job_id} cancelled", target=job.job_id)
-                        job.sink(Error(code="cancelled", message=f"job {job.job_id} was cancelled"))
+                        why = self.stop_reason or f"job {job.job_id} was cancelled"
+                        narrate(ACTOR, "execute_cancelled", f"Job {job.job_id} cancelled: {why}", target=job.job_id)
+                        error = JobCancelledError(why)
+                        job.sink(Error(code=error.code, message=error.message))
                         raise
-                    except RbeeError as exc:
-                        self._fail(job, exc.code, exc.message)
-                    except Exception as exc:  # a bug: keep the queen up, tell the client
-                        traceback.print_exc(file=sys.stderr)
-                        self._fail(job, "internal_error", f"{type(exc).__name__}: {exc}")
+                    except Exception as exc:
+                        # A nursery below wraps what its child raised: the user reads the
+                        # one cause, never "Exceptions from Trio nursery".
+                        cause = single_cause(exc)
+                        if not isinstance(cause, RbeeError):  # a bug: keep the queen up, tell the client
+                            traceback.print_exception(cause, file=sys.stderr)
+                            cause = InternalError(f"queen-rbee bug: {type(cause).__name__}: {cause}")
+                        self._fail(job, cause.code, cause.message)
                     else:
                         job.state = "completed"
             finally:

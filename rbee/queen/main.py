@@ -9,8 +9,9 @@ from pathlib import Path
 import cyclopts
 import trio
 
+from ..errors import StateError, single_cause
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL
-from .server import QueenConfig, serve
+from .server import DEFAULT_GRACE_PERIOD_S, DEFAULT_STALL_TIMEOUT_S, QueenConfig, serve
 
 app = cyclopts.App(name="queen-rbee", help="The rbee orchestrator: node registry, jobs, scheduling.")
 
@@ -24,6 +25,8 @@ def run(
     ping_interval: float = 15.0,
     max_queue: int | None = None,
     max_workers_per_model: int = DEFAULT_MAX_WORKERS_PER_MODEL,
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+    grace_period: float = DEFAULT_GRACE_PERIOD_S,
 ) -> int:
     """Run the queen until SIGTERM, SIGINT or ``POST /v1/shutdown``.
 
@@ -43,6 +46,13 @@ def run(
     max_workers_per_model
         Workers of one model (per node, backend and device) the queen may start; jobs
         beyond their slots wait in the queue.
+    stall_timeout
+        Seconds a running job's worker may send nothing (no token, no prefill progress)
+        before the job fails and the worker is killed. Queue waits, downloads and model
+        loads are not counted.
+    grace_period
+        At shutdown (SIGTERM, ``rbee-keeper queen stop``, ``POST /v1/shutdown``), seconds
+        running jobs get to finish before they are cancelled; new jobs are refused at once.
     """
     if max_queue is None:
         raw = os.environ.get("RBEE_MAX_QUEUE", "")
@@ -54,9 +64,21 @@ def run(
     if max_queue < 0 or max_workers_per_model < 1:
         print("queen-rbee: --max-queue must be 0 or more and --max-workers-per-model 1 or more", file=sys.stderr)
         return 2
+    if not (stall_timeout > 0 and grace_period >= 0):  # also refuses NaN
+        print("queen-rbee: --stall-timeout must be above 0 and --grace-period 0 or more", file=sys.stderr)
+        return 2
     config = QueenConfig(host=host, port=port, home=home, ping_interval_s=ping_interval, handle_signals=True,
-                         max_queue=max_queue, max_workers_per_model=max_workers_per_model)
-    trio.run(serve, config)
+                         max_queue=max_queue, max_workers_per_model=max_workers_per_model,
+                         stall_timeout_s=stall_timeout, grace_period_s=grace_period)
+    try:
+        trio.run(serve, config)
+    except Exception as exc:
+        cause = single_cause(exc)
+        if not isinstance(cause, StateError):
+            raise
+        # A read-only or full RBEE_HOME: one line naming it and the fix, exit 1.
+        print(f"queen-rbee: {cause.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,6 +8,11 @@ and what ``rbee-hive detect`` reported when the node was added.
 ``localhost`` is built in and never stored: its hive is a child process of the queen and
 needs no SSH. The database is tiny and touched only when nodes are added, removed or
 listed, so the calls are synchronous (a few hundred microseconds).
+
+A ``nodes.db`` that SQLite cannot read as a database is the queen's to repair: opened with
+``set_aside_damaged=True`` it is moved aside as ``nodes.db.corrupt-<UTC time>`` and a new,
+empty registry takes its place (``set_aside`` says where the old one went; the nodes must be
+added again: their host keys were pinned in it). Any other reader gets a ``StateError``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError, NotFoundError
+from ..errors import InvalidRequestError, NotFoundError, StateError
+from ..paths import set_aside, sqlite_is_corrupt, sqlite_state_error
 from ..requests import NODE_NAME_PATTERN
 
 LOCALHOST = "localhost"
@@ -78,6 +84,10 @@ def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
     host = body.get("ssh_host")
     if not isinstance(host, str) or not host or host.startswith("-"):
         problems.append({"field": "ssh_host", "constraint": "required", "message": "the SSH host name or address"})
+    elif not _resolvable_name(host):
+        problems.append({"field": "ssh_host", "constraint": "hostname",
+                         "message": "ssh_host must be a host name or address: no spaces or control characters, "
+                                    "labels of 1 to 63 characters"})
     port = body.get("ssh_port", 22)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         problems.append({"field": "ssh_port", "constraint": "1..65535", "message": "the SSH port"})
@@ -90,6 +100,12 @@ def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
     for key in ("ssh_user", "ssh_key"):
         if body.get(key) is not None and not isinstance(body.get(key), str):
             problems.append({"field": key, "constraint": "string", "message": f"{key} is a string"})
+    user, key_file = body.get("ssh_user"), body.get("ssh_key")
+    if isinstance(user, str) and not _ssh_user_name(user):
+        problems.append({"field": "ssh_user", "constraint": "saslprep",
+                         "message": "ssh_user has characters SSH cannot send in a user name (control characters ...)"})
+    if isinstance(key_file, str) and "\0" in key_file:
+        problems.append({"field": "ssh_key", "constraint": "no_nul", "message": "ssh_key is a file path (no NUL)"})
     if problems:
         raise InvalidRequestError("invalid node: " + "; ".join(p["field"] for p in problems), details=problems)
     return {
@@ -103,14 +119,63 @@ def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _resolvable_name(host: str) -> bool:
+    """Whether ``host`` can be looked up at all: no whitespace or control characters, and
+    encodable as the resolver encodes it (IDNA: no empty label, none over 63 characters)."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in host):
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _ssh_user_name(user: str) -> bool:
+    """Whether SSH can send ``user``: asyncssh prepares it with SASLprep (RFC 4013), which
+    refuses control characters and a few other classes; the same check, before connecting."""
+    from asyncssh.saslprep import saslprep  # here: asyncssh takes ~0.3 s to import, the keeper reads nodes.db
+
+    try:
+        saslprep(user)
+    except ValueError:
+        return False
+    return True
+
+
 class NodeRegistry:
     """The node table in ``nodes.db`` plus the built-in ``localhost``."""
 
-    def __init__(self, db_path: Path, *, local_hive_command: str = DEFAULT_HIVE_COMMAND) -> None:
+    def __init__(self, db_path: Path, *, local_hive_command: str = DEFAULT_HIVE_COMMAND,
+                 set_aside_damaged: bool = False) -> None:
         self.db_path = db_path
         self.localhost = Node(name=LOCALHOST, rbee_hive_command=local_hive_command)
-        with self._connect() as db:
-            db.execute(_SCHEMA)
+        #: Where a damaged registry found at open was moved, and what SQLite said of it.
+        self.set_aside: Path | None = None
+        self.damage = ""
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            if not sqlite_is_corrupt(exc):
+                raise sqlite_state_error(db_path, exc) or exc from None
+            if not set_aside_damaged:
+                raise StateError(f"{db_path} is damaged ({exc}); start queen-rbee once to set it aside "
+                                 "and begin a new node registry") from None
+            self.damage = str(exc)
+            self.set_aside = set_aside(db_path)
+            self._create()
+
+    def _create(self) -> None:
+        db = self._connect()
+        try:
+            with db:
+                db.execute(_SCHEMA)
+            # A damaged page may only show when it is read: look at every page once, now.
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({verdict})")
+        finally:
+            db.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path)

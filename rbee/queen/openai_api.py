@@ -28,7 +28,7 @@ from quart import request
 from quart_trio import QuartTrio
 
 from ..errors import ModelNotFoundError, NotFoundError, RbeeError, error_for_code
-from ..http_common import error_answer, sse_response
+from ..http_common import error_answer, json_body, sse_response
 from ..narration import sse
 from ..narration.events import End, Error, Event, Prefill, Started, Token
 from ..narration.openai import (
@@ -66,7 +66,7 @@ def register_openai_routes(app: QuartTrio, state: "QueenState", submit_infer: Ca
         return True
 
     async def body() -> Any:
-        return await request.get_json(force=True, silent=True)
+        return await json_body()
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Any:

@@ -6,13 +6,15 @@ the same stream and Ctrl-C cancels it the same way.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
 
-from ..errors import InvalidRequestError, JobError
+from ..errors import InvalidRequestError, JobError, error_for_code
 from ..narration import narrate
 from ..narration.events import Done, Error
+from ..requests import NODE_NAME_PATTERN
 from .hives import HiveManager
 from .jobs import Job
 from .nodes import LOCALHOST, NodeRegistry
@@ -21,13 +23,20 @@ ACTOR = "queen-rbee"
 
 
 def validate_download(body: dict[str, Any]) -> dict[str, Any]:
-    """Check a ``download`` request (``model`` required, ``node`` defaults to localhost)."""
+    """Check a ``download`` request (``model`` required, ``node`` a node name or absent:
+    localhost)."""
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise InvalidRequestError(
             "invalid download request: model",
             details=[{"field": "model", "constraint": "non-empty string", "message": "model is required"}],
         )
-    return {**body, "node": body.get("node") or LOCALHOST}
+    node = body.get("node")
+    if node is not None and (not isinstance(node, str) or not re.fullmatch(NODE_NAME_PATTERN, node)):
+        message = "node must be a node name (localhost, or one added with setup add-node)"
+        raise InvalidRequestError(f"invalid download request: {message}",
+                                  details=[{"field": "node", "constraint": f"pattern:{NODE_NAME_PATTERN}",
+                                            "message": message}])
+    return {**body, "node": node or LOCALHOST}
 
 
 class DownloadJob:
@@ -50,6 +59,6 @@ class DownloadJob:
                     narrate(ACTOR, "download_complete", f"{model} is on node {node.name}", target=model, node=node.name)
                     return
                 if isinstance(event, Error):
-                    raise JobError(event.message, code=event.code)
+                    raise error_for_code(event.code, event.message)
                 job.sink(event)
         raise JobError(f"the download progress stream of {model} on {node.name} stopped without [DONE]")

@@ -38,7 +38,7 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from ..errors import BusyError, RbeeError
+from ..errors import QueueFullError, RbeeError
 from ..narration.events import WorkerChange
 
 #: ``--max-queue`` / ``RBEE_MAX_QUEUE``: jobs of one model that may wait for a slot.
@@ -83,11 +83,6 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 class TransitionError(RuntimeError):
     """An event that the worker's state does not allow: a bug of the caller."""
 
-
-class QueueFullError(BusyError):
-    """The model's queue is full: refused at once (HTTP 503 with ``Retry-After``)."""
-
-    code = "queue_full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,8 +364,14 @@ class Scheduler:
         return worker
 
     def hive_gone(self, node: str) -> list[WorkerRecord]:
-        """Every worker of a node whose hive exited is gone."""
-        return [w for w in list(self.workers.values()) if w.node == node and self.exited(w.worker_id)]
+        """Every worker of a node whose hive exited is gone (and whoever waits on a worker
+        change hears it: a spawn watching a load that will never end, above all)."""
+        gone = [w for w in list(self.workers.values()) if w.node == node and self.exited(w.worker_id)]
+        for worker in gone:
+            self.exit_reasons.setdefault(worker.worker_id, f"its hive on node {node} exited")
+        if gone:
+            self._pulse()
+        return gone
 
     # -- spawns -------------------------------------------------------------------------
 

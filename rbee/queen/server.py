@@ -23,7 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from ..http_client import OUR_DAEMONS, async_client
 from ..http_common import hypercorn_config
 from ..narration import narrate
-from ..paths import rbee_home
+from ..paths import check_writable, ensure_dir, rbee_home
 from .app import create_app
 from .state import QueenState
 from .asyncio_bridge import AsyncioBridge
@@ -37,6 +37,10 @@ from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL, Schedul
 ACTOR = "queen-rbee"
 #: How long finished job streams may take to deliver their last bytes at shutdown.
 DRAIN_S = 0.5
+#: EH-013b of the original Test-001 spec: a job with no token for 60 s fails.
+DEFAULT_STALL_TIMEOUT_S = 60.0
+#: What a running job gets to finish when the queen is asked to stop.
+DEFAULT_GRACE_PERIOD_S = 30.0
 
 
 @dataclass
@@ -52,14 +56,25 @@ class QueenConfig:
     handle_signals: bool = False  # SIGTERM/SIGINT start a graceful shutdown (the CLI sets it)
     max_queue: int = DEFAULT_MAX_QUEUE  # jobs of one model that may wait for a slot
     max_workers_per_model: int = DEFAULT_MAX_WORKERS_PER_MODEL  # copies of one model per node
+    #: A running job whose worker sends no token and no prefill progress for this long
+    #: fails (``worker_stalled``) and the worker is killed.
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    #: At shutdown, how long running jobs may go on before they are cancelled.
+    grace_period_s: float = DEFAULT_GRACE_PERIOD_S
 
 
 async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the queen until it is told to shut down; ``task_status.started(port)`` once bound."""
-    home = config.home or rbee_home()
+    home = ensure_dir(config.home) if config.home else rbee_home()
+    check_writable(home)  # a read-only or full RBEE_HOME stops the queen here, in one line
     token = config.api_token if config.api_token is not None else (os.environ.get("RBEE_API_TOKEN") or None)
     narrate(ACTOR, "queen_start", f"queen-rbee starting (state in {home})")
-    nodes = NodeRegistry(home / "nodes.db", local_hive_command=config.local_hive_command or os.environ.get("RBEE_HIVE_COMMAND") or default_local_hive_command())
+    nodes = NodeRegistry(home / "nodes.db", local_hive_command=config.local_hive_command or os.environ.get("RBEE_HIVE_COMMAND") or default_local_hive_command(),
+                         set_aside_damaged=True)
+    if nodes.set_aside is not None:
+        narrate(ACTOR, "nodes_db_damaged", f"nodes.db could not be read ({nodes.damage}): kept aside as "
+                f"{nodes.set_aside.name}, and a new node registry begun; add your nodes again with "
+                "`rbee-keeper setup add-node NAME --ssh-host HOST`", level="warn", target=str(nodes.set_aside))
     bridge = AsyncioBridge()
     try:
         # Hives and workers are plain HTTP on loopback (or an SSH forward): no TLS setup.
@@ -83,6 +98,7 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
                         req.model, node, tokens_out=end.tokens_out, first_token_s=first_token_s,
                         tokens_per_sec=end.tokens_per_sec),
                     on_leased=metrics.observe_queue_wait,
+                    stall_timeout_s=config.stall_timeout_s,
                 )
                 state = QueenState(
                     nodes=nodes,
@@ -104,7 +120,8 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
                 narrate(ACTOR, "queen_ready", "queen-rbee is ready for jobs")
                 task_status.started(port)
                 await state.shutdown.wait()
-                narrate(ACTOR, "queen_shutdown", "queen-rbee shutting down: cancelling jobs, stopping hives")
+                await _drain(state, config.grace_period_s)
+                narrate(ACTOR, "queen_shutdown", "queen-rbee shutting down: stopping hives")
                 job_nursery.cancel_scope.cancel()
             # Streams being read drop their job once [DONE] is written: wait for that.
             with trio.move_on_after(DRAIN_S):
@@ -116,6 +133,22 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
     finally:
         bridge.close()
     narrate(ACTOR, "queen_stopped", "queen-rbee stopped")
+
+
+async def _drain(state: QueenState, grace_period_s: float) -> None:
+    """Refuse new jobs; give the running ones ``grace_period_s`` to finish, then say why
+    the rest are cancelled (the caller cancels them)."""
+    state.draining = True
+    running = [job for job in state.jobs.list() if not job.finished.is_set()]
+    if running:
+        narrate(ACTOR, "queen_drain", f"queen-rbee stopping: waiting up to {grace_period_s:g} s for "
+                f"{len(running)} running job(s) to finish (--grace-period); new jobs are refused",
+                jobs=len(running), grace_period_s=grace_period_s)
+        with trio.move_on_after(grace_period_s):
+            for job in running:
+                await job.finished.wait()
+    state.jobs.stop_reason = (f"queen-rbee stopped before the job finished (its grace period of "
+                              f"{grace_period_s:g} s ran out; --grace-period)")
 
 
 async def _serve_http(state: QueenState, config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

@@ -38,6 +38,10 @@ def _connect_options(node: Node) -> dict[str, Any]:
         options["client_keys"] = [node.ssh_key]
     # Pinned host key, or (adding the node) trust on first use.
     options["known_hosts"] = ([asyncssh.import_public_key(node.host_key)], [], []) if node.host_key else None
+    # None of the queen's environment travels to a node (its RBEE_API_TOKEN, HF_TOKEN),
+    # whatever SendEnv the user's ~/.ssh/config lists: the hive has its own key, and a
+    # node's own settings are its login's.
+    options["send_env"] = None
     return options
 
 

@@ -33,5 +33,7 @@ class QueenState:
     infer: InferJob
     metrics: QueenMetrics
     shutdown: trio.Event = field(default_factory=trio.Event)
+    #: Set once a shutdown began: new jobs get 503 ``shutting_down``, running ones finish.
+    draining: bool = False
     api_token: str | None = None
     ping_interval_s: float = 15.0

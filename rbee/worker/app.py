@@ -11,16 +11,16 @@
   (idempotent).
 - ``POST /v1/shutdown``: 200, then the worker stops (as on SIGTERM).
 
-Every error is the envelope ``{"error": {"code", "message", "details"}}``, never a
+Every error is the envelope ``{"error": {"code", "message", "details", "type", "param"}}``, never a
 traceback: unknown routes 404, wrong methods 405, bodies over ``MAX_BODY_BYTES`` 413.
-With an API key, every route but ``/health`` needs ``Authorization: Bearer <key>``
+With an API key, every route but ``/health`` and ``/openapi.json`` (the OpenAPI 3.1
+document, ``rbee.openapi``) needs ``Authorization: Bearer <key>``
 (compared in constant time).
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import math
 from typing import Any, AsyncIterator
@@ -28,39 +28,27 @@ from typing import Any, AsyncIterator
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
-from ..errors import AuthError, RbeeError
-from ..http_common import sse_response
+from ..http_common import (
+    check_bearer,
+    install_error_edge,
+    json_body,
+    request_body,
+    sse_response,
+    streaming_app,
+)
 from ..narration import Error, Ready, narration_context, sse
+from ..openapi import OPENAPI_PATH, WORKER, served_document
 from .inference import KEEPALIVE_SECONDS, SseBody, run_inference
 from .narrator import Narrator
-from .state import RETRY_AFTER_SECONDS, LoadingError, WorkerState
+from ..errors import ShuttingDownError
+from .state import RETRY_AFTER_SECONDS, WorkerState
 from .validation import check_fits_context, parse_inference_request
 
-#: A prompt is text: 16 MiB is far beyond any context this worker holds.
-MAX_BODY_BYTES = 16 * 1024 * 1024
+#: The routes anyone may call, also when the worker has an API key.
+OPEN_PATHS = frozenset({"/health", OPENAPI_PATH})
 #: Prompts longer than this are tokenized on a thread, so /health never waits on them.
 TOKENIZE_INLINE_CHARS = 16 * 1024
-
-_HTTP_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    400: "invalid_request",
-}
-
-
-def error_response(error: RbeeError, status: int | None = None) -> Response:
-    """The JSON envelope of ``error`` with its status (and ``Retry-After`` for 503s)."""
-    status = status or error.http_status
-    response = Response(_dumps(error.envelope()), status=status, mimetype="application/json")
-    if status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    if isinstance(error, AuthError):
-        response.headers["WWW-Authenticate"] = 'Bearer realm="llm-worker-rbee"'
-    return response
-
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -70,66 +58,37 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(_dumps(obj), status=status, mimetype="application/json")
 
 
-def bearer_matches(header: str | None, key: str) -> bool:
-    """True if ``header`` is ``Bearer <key>`` (constant-time comparison of the key)."""
-    scheme, _, token = (header or "").strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode("utf-8"), key.encode("utf-8"))
-
-
 def create_app(state: WorkerState) -> QuartTrio:
     """The quart-trio application of one worker over its ``state``."""
-    app = QuartTrio("rbee.worker")
-    app.config["RESPONSE_TIMEOUT"] = None  # SSE streams are long; the job bounds them
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # SSE streams are long (the job bounds them); bodies up to MAX_BODY_BYTES.
+    app = streaming_app("rbee.worker")
     say = Narrator(state.config.worker_id)
     api_key = state.config.api_key
 
-    @app.before_request
-    async def read_body_then_check_auth() -> Response | None:
-        """Read the body, then answer 401 unless the bearer key matches (not /health)."""
-        # The whole body is read before any answer: answering a keep-alive client while
-        # its body is unread can leave the connection stuck for its next request
-        # (seen with hypercorn 0.18). MAX_CONTENT_LENGTH bounds what this reads.
-        await request.get_data()
-        if api_key and request.path != "/health" and not bearer_matches(
-            request.headers.get("Authorization"), api_key
-        ):
-            return error_response(AuthError(
-                "this worker needs 'Authorization: Bearer <api key>' (the key it was started with)"
-            ))
-        return None
-
-    @app.errorhandler(RbeeError)
-    async def on_rbee_error(error: RbeeError) -> Response:
-        """Our own errors: their envelope and status."""
-        return error_response(error)
-
-    @app.errorhandler(HTTPException)
-    async def on_http_error(error: HTTPException) -> Response:
-        """Routing and protocol errors (404, 405, 413 ...) in the same envelope."""
-        status = error.code or 500
-        code = _HTTP_CODES.get(status, f"http_{status}")
-        message = error.description or error.name
-        if status == 404:
-            message = f"no route {request.method} {request.path} on this worker"
-        elif status == 413:
-            message = f"the request body is over {MAX_BODY_BYTES} bytes"
-        return error_response(RbeeError(message, code=code), status)
-
-    @app.errorhandler(Exception)
-    async def on_bug(error: Exception) -> Response:
-        """Anything else is a bug: narrated, and a 500 envelope without a traceback."""
+    def on_bug(error: BaseException) -> None:
         # A bug: the parent sees it narrated on stdout, the client gets the envelope.
         say("request_failed", f"{request.method} {request.path} failed: "
             f"{type(error).__name__}: {error}", level="error")
-        return error_response(RbeeError(f"internal error: {type(error).__name__}: {error}"))
+
+    install_error_edge(app, "llm-worker-rbee", on_bug=on_bug, retry_after_s=RETRY_AFTER_SECONDS)
+
+    @app.before_request
+    async def check_auth() -> Response | None:
+        """Answer 401 unless the bearer key matches (not the open routes). The edge has
+        read the whole body already (``install_error_edge``)."""
+        if api_key and request.path not in OPEN_PATHS:
+            check_bearer(api_key, request.headers.get("Authorization"), hint="the api key this worker was started with")
+        return None
 
     @app.get("/health")
     async def health() -> Response:
         """Liveness: answers in every state, without auth."""
         return _json({"status": "ok", "worker_id": state.config.worker_id, "state": state.state})
+
+    @app.get(OPENAPI_PATH)
+    async def openapi_document() -> Response:
+        """This worker's OpenAPI 3.1 document, without auth (it holds nothing secret)."""
+        return _json(served_document(WORKER, app.url_map))
 
     @app.get("/v1/ready")
     async def ready() -> Response:
@@ -144,7 +103,7 @@ def create_app(state: WorkerState) -> QuartTrio:
     @app.post("/v1/inference")
     async def inference() -> Response:
         """Validate, take the slot, open the generation, answer with its SSE stream."""
-        body = await request.get_data(as_text=False)  # already read (before_request)
+        body = await request_body()  # parsed strictly by parse_inference_request
         state.check_can_serve()
         engine = state.engine
         req = parse_inference_request(body, n_ctx=engine.n_ctx)
@@ -182,9 +141,14 @@ def create_app(state: WorkerState) -> QuartTrio:
 
     @app.post("/v1/shutdown")
     async def shutdown() -> Response:
-        """Answer, then shut down as on SIGTERM."""
-        say("shutdown_request", "Shutdown requested over HTTP")
-        state.shutdown_requested.set()
+        """Answer, then shut down as on SIGTERM. The body may say why (``{"reason"}``, as
+        the hive does): a running job's stream ends with that reason."""
+        body = await json_body(required=False)
+        reason = body.get("reason")
+        why = f" ({reason})" if isinstance(reason, str) and reason else ""
+        say("shutdown_request", f"Shutdown requested over HTTP{why}")
+        state.request_shutdown(ShuttingDownError(
+            f"worker {state.config.worker_id} was stopped by its hive{why} in the middle of the job"))
         return _json({"shutting_down": True})
 
     return app
@@ -201,7 +165,7 @@ async def _progress_stream(state: WorkerState) -> AsyncIterator[bytes]:
             yield final + sse.encode(Ready(worker_id=state.config.worker_id, url=state.url)) + sse.encode_done()
             return
         if state.phase == "error" or state.stopping:
-            failure = state.failure or LoadingError("the worker is shutting down", code="shutting_down")
+            failure = state.failure or ShuttingDownError("the worker is shutting down")
             yield sse.encode(Error(code=failure.code, message=failure.message)) + sse.encode_done()
             return
         if state.progress != last:

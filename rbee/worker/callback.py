@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import trio
 
-from ..errors import WorkerError
+from ..errors import CallbackError
 from ..http_client import async_client
 from .narrator import Narrator
 
@@ -30,11 +30,6 @@ ATTEMPT_LIMIT = 5 * SECONDS
 #: Answers that no retry can turn into a success.
 PERMANENT_STATUSES = frozenset({400, 401, 403, 405, 422})
 
-
-class CallbackError(WorkerError):
-    """The ready callback never succeeded."""
-
-    code = "callback_failed"
 
 
 def callback_body(

@@ -143,7 +143,9 @@ def _check_model_file(path: Path) -> None:
         raise ModelLoadError(f"model file is not readable: {path} ({exc.strerror})",
                              details={"path": str(path)}) from None
     if magic != b"GGUF":
-        raise ModelLoadError(f"not a GGUF model file (bad magic {magic!r}): {path}", details={"path": str(path)})
+        # The bytes themselves are never quoted: they may be another file's (a symlink).
+        raise ModelLoadError(f"not a GGUF model file (it does not begin with the GGUF magic): {path}",
+                             details={"path": str(path)})
 
 
 def _free_handles(context: Any, model: Any) -> None:

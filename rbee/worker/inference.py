@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from ..errors import RbeeError
+from ..errors import RbeeError, ShuttingDownError
 from ..narration import DONE, End, Error, Metrics, Prefill, Started, Token, narration_context, sse
 from ..requests import SamplingParams
 from .narrator import Narrator
@@ -152,6 +152,7 @@ async def run_inference(
                 task_status.started()
                 started = True
             state.release(job)  # before the last events: a client that reads `end` may ask again
+            failure = failure or job.stop_error  # cut short by the worker, not by its client
             if failure is not None:
                 say("inference_failed", f"Job {request.job_id} failed: {failure.message}",
                     level="error", error_code=failure.code)
@@ -173,7 +174,8 @@ async def run_inference(
         if started:
             if not finished:
                 # Cancelled from outside the job's own scope: the worker is shutting down.
-                _put(send, Error(code="shutting_down", message="the worker is shutting down"))
+                cause = job.stop_error or state.stop_error or ShuttingDownError("the worker is shutting down")
+                _put(send, Error(code=cause.code, message=cause.message))
             _put(send, DONE)
         send.close()
 
@@ -266,7 +268,8 @@ class SseBody:
     def _cut_short(self) -> bytes:
         # The job task ended without DONE: the worker is shutting down under it.
         self._finished = True
-        return sse.encode(Error(code="shutting_down", message="the worker is shutting down")) + sse.encode_done()
+        cause = self._job.stop_error or ShuttingDownError("the worker is shutting down")
+        return sse.encode(Error(code=cause.code, message=cause.message)) + sse.encode_done()
 
     async def aclose(self) -> None:
         """Stop reading: cancels the job (the core stops within one token)."""

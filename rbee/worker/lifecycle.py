@@ -10,6 +10,7 @@ spawn workers from a long-lived thread (its main/event-loop thread).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,8 @@ from typing import AsyncIterator, Iterator
 
 import trio
 
+from ..errors import RbeeError, ShuttingDownError, WorkerLostError
+from ..lifetime import pid_alive
 from .narrator import Narrator
 from .state import WorkerState
 
@@ -34,6 +37,28 @@ def install_early_exit() -> None:
         signal.signal(signum, lambda *_: sys.exit(0))
 
 
+#: After a shutdown signal, how long to look for the parent's death (see ``stop_cause``).
+PARENT_DEATH_WINDOW_S = 0.1
+
+
+async def stop_cause(signal_name: str, worker_id: str, parent_pid: int) -> RbeeError:
+    """What a job cut short by ``signal_name`` ends with.
+
+    A parent that is dying (its death signal, PR_SET_PDEATHSIG, is what arrived) means the
+    hive died under the job: ``worker_lost``. Otherwise someone stopped this worker on
+    purpose: ``shutting_down``. Neither is the job's own cancel. Linux sends the death
+    signal when the parent's *thread* that forked us ends, which for a killed hive is
+    slightly before its last thread: we may still be its child for a moment, so we watch
+    it briefly rather than ask once.
+    """
+    with trio.move_on_after(PARENT_DEATH_WINDOW_S):
+        while os.getppid() == parent_pid and pid_alive(parent_pid):
+            await trio.sleep(0.005)
+    if os.getppid() != parent_pid or not pid_alive(parent_pid):
+        return WorkerLostError(f"worker {worker_id} lost its hive (the hive process died) in the middle of the job")
+    return ShuttingDownError(f"worker {worker_id} was stopped ({signal_name}) in the middle of the job")
+
+
 @contextlib.contextmanager
 def shutdown_signals() -> Iterator[AsyncIterator[int] | None]:
     """Catch the shutdown signals for the block (None when not on the main thread,
@@ -49,8 +74,11 @@ async def watch_signals(signals: AsyncIterator[int] | None, state: WorkerState, 
     """Turn each shutdown signal into a graceful shutdown (runs until cancelled)."""
     if signals is None:
         return
+    parent_pid = os.getppid()
     async for signum in signals:
+        name = signal.Signals(signum).name
         if not state.shutdown_requested.is_set():
-            name = signal.Signals(signum).name
             say("signal_received", f"Received {name}: shutting down", signal=name)
-        state.shutdown_requested.set()
+        if state.stop_error is None and state.jobs:  # the cause matters only to a running job
+            state.request_shutdown(await stop_cause(name, state.config.worker_id, parent_pid))
+        state.request_shutdown(ShuttingDownError(f"worker {state.config.worker_id} was stopped ({name})"))

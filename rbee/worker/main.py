@@ -19,7 +19,7 @@ import trio
 from cyclopts import Parameter
 
 from ..errors import BackendUnavailableError, ModelLoadError, RbeeError
-from .callback import CallbackError
+from ..errors import CallbackError
 from .config import (
     ACTOR,
     DEFAULT_CTX_SIZE,
@@ -80,7 +80,7 @@ def _command(
     callback_url
         URL to POST {worker_id, url, model_ref, backend, device} to once ready.
     api_key
-        Bearer key required on every route but /health, and sent with the callback.
+        Bearer key required on every route but /health and /openapi.json, and sent with the callback.
         Prefer the environment variable: a command line is visible to every local user.
     host
         Address to listen on.

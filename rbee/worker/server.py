@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-import hypercorn.config
 import hypercorn.trio
 import trio
 
-from ..errors import BackendUnavailableError, ModelLoadError, RbeeError, WorkerError
+from ..errors import BackendUnavailableError, BindFailedError, ModelLoadError, RbeeError, ShuttingDownError, WorkerError
+from ..http_common import hypercorn_config
 from ..narration import Loading
 from .app import create_app
 from .callback import callback_body, post_ready_callback
@@ -34,16 +34,6 @@ from .config import WorkerConfig
 from .lifecycle import shutdown_signals, watch_signals
 from .narrator import Narrator
 from .state import CANCELLED_JOB_GRACE, WorkerState
-
-
-def _hypercorn_config(config: WorkerConfig) -> hypercorn.config.Config:
-    hc = hypercorn.config.Config()
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    hc.bind = [f"{host}:{config.port}"]
-    hc.accesslog = None
-    hc.loglevel = "WARNING"  # our narration says what happens; hypercorn's INFO lines are noise
-    hc.graceful_timeout = config.graceful_timeout
-    return hc
 
 
 def _advertised_url(bound: str, host: str) -> tuple[str, int]:
@@ -109,7 +99,8 @@ async def serve(config: WorkerConfig, *, task_status: trio.TaskStatus[str] = tri
         async with trio.open_nursery() as server_nursery:
             try:
                 binds = await server_nursery.start(functools.partial(
-                    hypercorn.trio.serve, create_app(state), _hypercorn_config(config),
+                    hypercorn.trio.serve, create_app(state),
+                    hypercorn_config(config.host, config.port, graceful_timeout_s=config.graceful_timeout),
                     shutdown_trigger=server_stop.wait,
                 ))
             except* OSError as group:  # port taken, address not ours: one line, no traceback
@@ -138,7 +129,7 @@ def _bind_failed(config: WorkerConfig, error: BaseException, say: Narrator) -> W
     reason = getattr(error, "strerror", None) or str(error)
     message = f"cannot listen on {config.host}:{config.port}: {reason}"
     say("server_bind", message, level="error", port=config.port)
-    return WorkerError(message, code="bind_failed")
+    return BindFailedError(message)
 
 
 async def _run(state: WorkerState, say: Narrator, size: int, signals: AsyncIterator[int] | None) -> None:
@@ -160,8 +151,10 @@ async def _run(state: WorkerState, say: Narrator, size: int, signals: AsyncItera
         say("server_shutdown", f"Shutting down ({reason}): stopping the running job and the HTTP server",
             cute="Time to rest! 🐝")
         jobs = list(state.jobs.values())
+        cause = state.stop_error or failure or ShuttingDownError(
+            f"worker {state.config.worker_id} shut down in the middle of the job")
         for job in jobs:
-            job.cancel()
+            job.cancel(because=cause)
         with trio.move_on_after(CANCELLED_JOB_GRACE):
             for job in jobs:
                 await job.done.wait()

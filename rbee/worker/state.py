@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
-from ..errors import BusyError, RbeeError
+from ..errors import JobExistsError, LoadingError, RbeeError, ShuttingDownError, SlotsFullError, WorkerFailedError
 from ..narration.events import Loading
 from .config import WorkerConfig
 
@@ -32,27 +32,6 @@ RETRY_AFTER_SECONDS = 1
 CANCELLED_JOB_GRACE = 2.0
 
 
-class LoadingError(RbeeError):
-    """A request came while the model is still loading."""
-
-    code = "loading"
-    http_status = 503
-
-
-class JobExistsError(RbeeError):
-    """A request reused the ``job_id`` of a stream that still runs here."""
-
-    code = "job_exists"
-    http_status = 409
-
-
-class WorkerFailedError(RbeeError):
-    """A request came after the model failed to load (the worker is about to exit)."""
-
-    code = "model_load_failed"
-    http_status = 503
-
-
 @dataclass(eq=False)
 class Job:
     """An inference job holding a slot: cancel it with ``cancel()``."""
@@ -64,9 +43,18 @@ class Job:
     tokens_out: int = 0
     #: The job's narration sink (its stream), once it runs: a DELETE narrates into it.
     sink: Callable[[Any], None] | None = None
+    #: Why the worker stopped this job, when not at its client's request: the stream
+    #: then ends with this error instead of ``end`` (a cut answer is never a success).
+    stop_error: RbeeError | None = None
 
-    def cancel(self) -> None:
-        """Ask the job to stop; the core ends it at its next step. Idempotent."""
+    def cancel(self, because: RbeeError | None = None) -> None:
+        """Ask the job to stop; the core ends it at its next step. Idempotent.
+
+        ``because``: the worker's own reason (shutdown, its hive gone); None when the
+        job's client asked (DELETE or disconnect), which ends the stream ``cancelled``.
+        """
+        if because is not None and self.stop_error is None:
+            self.stop_error = because
         self.cancel_scope.cancel()
 
     @property
@@ -89,6 +77,8 @@ class WorkerState:
         self.jobs: dict[str, Job] = {}
         self.stopping = False
         self.shutdown_requested = trio.Event()
+        #: Why the worker is shutting down: what a running job's stream ends with.
+        self.stop_error: RbeeError | None = None
         #: Where inference jobs run; set by ``serve`` before the first request can come.
         self.nursery: trio.Nursery | None = None
         self._changed = trio.Event()
@@ -148,6 +138,12 @@ class WorkerState:
         self.phase = "error"
         self._notify()
 
+    def request_shutdown(self, because: RbeeError) -> None:
+        """Shut the worker down; running jobs end with ``because`` (the first cause wins)."""
+        if self.stop_error is None:
+            self.stop_error = because
+        self.shutdown_requested.set()
+
     def begin_stopping(self) -> None:
         """The worker is shutting down: no new request, progress streams end."""
         self.stopping = True
@@ -158,7 +154,7 @@ class WorkerState:
     def check_can_serve(self) -> None:
         """Raise the error a request gets now if the worker cannot take one at all."""
         if self.stopping:
-            raise BusyError("the worker is shutting down", code="shutting_down")
+            raise ShuttingDownError("the worker is shutting down")
         if self.phase == "loading":
             raise LoadingError("the model is still loading; retry in a moment")
         if self.phase == "error":
@@ -181,10 +177,9 @@ class WorkerState:
         self.check_can_serve()
         self._check_job_id_free(job_id)  # again: the same id may have come in while we waited
         if len(self.jobs) >= self.slots_total:
-            raise BusyError(
+            raise SlotsFullError(
                 f"all {self.slots_total} slots of this worker are busy; retry in "
                 f"{RETRY_AFTER_SECONDS} s or use another worker",
-                code="full",
                 details={"slots": {"total": self.slots_total, "busy": len(self.jobs)},
                          "retry_after": RETRY_AFTER_SECONDS},
             )

@@ -10,8 +10,10 @@ The fields, their defaults, bounds and messages are ``rbee.requests``'s (``promp
 field of ``SamplingParams``), shared with the keeper and the queen; see that module for the
 rules (booleans are not numbers, NaN is not JSON, unknown fields are ignored, null takes the
 default, but ``max_tokens`` null is no limit). What only a worker checks is here: ``job_id``,
-``max_tokens`` against its context (``n_ctx``), and that ``response_format``'s schema can be
-turned into a grammar (``grammar.py``, llama-cpp-python's converter).
+``max_tokens`` against its context (``n_ctx``), that ``response_format``'s schema can be
+turned into a grammar (``grammar.py``, llama-cpp-python's converter), and that the prompt is
+not so many bytes that no tokenization could fit it in the context (``check_prompt_size``:
+a 5 MB prompt is refused at once, not after seconds of tokenizing).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, PayloadTooLargeError
 from ..requests import (
     DEFAULT_SAMPLING,
     INVALID,
@@ -36,6 +38,15 @@ from .grammar import response_format_grammar
 DEFAULT_MAX_TOKENS = DEFAULT_SAMPLING.max_tokens
 #: A job id travels in the DELETE URL path and in logs: keep it to URL-safe characters.
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: The most bytes of text one token may stand for, as a fixed bound rather than the
+#: model's own figure (the native core does not expose its vocabulary, and reading the
+#: GGUF's 262,144 token strings in Python takes about a second per load). Deliberately
+#: loose: Gemma 3's longest token is 48 bytes (measured on its GGUF, as stored, which is
+#: never shorter than the text it stands for). Every token covers at least one byte of
+#: the text, so a prompt of B bytes is at least B / MAX_TOKEN_BYTES tokens, whatever the
+#: tokenizer does; a prompt refused by this bound would have been refused after
+#: tokenizing too, unless it were made mostly of tokens longer than this.
+MAX_TOKEN_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,16 @@ class InferenceRequest:
         if self.messages is not None:
             return sum(len(m.content) for m in self.messages)
         return len(self.prompt or "")
+
+    @property
+    def prompt_bytes(self) -> int:
+        """UTF-8 bytes of text that the tokenizer surely sees: the raw prompt as it is;
+        through a chat template (``messages``, ``chat``), each text without the whitespace
+        around it, which a template may trim (Gemma's does)."""
+        if self.messages is not None:
+            return sum(len(m.content.strip().encode("utf-8")) for m in self.messages)
+        text = self.prompt or ""
+        return len((text.strip() if self.chat else text).encode("utf-8"))
 
 
 def parse_inference_request(body: bytes, *, n_ctx: int) -> InferenceRequest:
@@ -120,8 +141,29 @@ def parse_inference_request(body: bytes, *, n_ctx: int) -> InferenceRequest:
                           f"response_format: the JSON schema cannot be turned into a grammar: {exc}")
 
     problems.raise_if_any()
-    return InferenceRequest(job_id=job_id, prompt=prompt, messages=messages, **sampling, chat=chat,
-                            cache_prompt=cache_prompt, response_format=response_format, grammar=grammar)
+    request = InferenceRequest(job_id=job_id, prompt=prompt, messages=messages, **sampling, chat=chat,
+                               cache_prompt=cache_prompt, response_format=response_format, grammar=grammar)
+    check_prompt_size(request, n_ctx)
+    return request
+
+
+def check_prompt_size(request: InferenceRequest, n_ctx: int) -> None:
+    """``PayloadTooLargeError`` (413) when the prompt has so many bytes that, at
+    ``MAX_TOKEN_BYTES`` per token, it cannot fit the context with ``max_tokens`` (with no
+    limit: with one token to generate): the verdict ``check_fits_context`` would give
+    after tokenizing, given before it."""
+    size = request.prompt_bytes
+    least_tokens = -(-size // MAX_TOKEN_BYTES)
+    room = n_ctx - (1 if request.max_tokens is None else request.max_tokens)
+    if least_tokens <= room:
+        return
+    field = "messages" if request.messages is not None else "prompt"
+    wanted = "one token" if request.max_tokens is None else f"max_tokens {request.max_tokens}"
+    message = (f"the prompt is {size} bytes, at least {least_tokens} tokens (no token stands for more than "
+               f"{MAX_TOKEN_BYTES} bytes): with {wanted} it cannot fit this worker's context of {n_ctx} tokens; "
+               f"shorten the prompt")
+    raise PayloadTooLargeError(message, details=[{
+        "field": field, "constraint": f"prompt_bytes<={max(room, 0) * MAX_TOKEN_BYTES}", "message": message}])
 
 
 def check_fits_context(request: InferenceRequest, prompt_tokens: int, n_ctx: int) -> None:

@@ -103,6 +103,7 @@ def fakehub(small_gguf: Path) -> Iterator[FakeHub]:
 
 @pytest.fixture
 def hf_env(fakehub: FakeHub, tmp_path: Path, rbee_home: Path) -> dict[str, str]:
-    """Environment that points huggingface_hub at the fake Hub, with an empty HF cache."""
+    """Environment that points huggingface_hub at the fake Hub, with an empty HF cache;
+    ``tmp_path`` (where ``small_gguf`` lies) is a model directory, so ``file:`` may name it."""
     return {"HF_ENDPOINT": fakehub.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "RBEE_HOME": str(rbee_home)}
+            "RBEE_HOME": str(rbee_home), "RBEE_MODEL_DIRS": str(tmp_path)}

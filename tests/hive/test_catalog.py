@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rbee.errors import StateError
 from rbee.hive.catalog import SCHEMA_VERSION, CatalogEntry, ModelCatalog, migrate
 
 
@@ -60,7 +61,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(RuntimeError, match="newer than this rbee-hive knows"):
+    with pytest.raises(StateError, match="newer than this rbee-hive knows"):
         ModelCatalog(path)
 
 

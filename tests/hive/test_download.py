@@ -132,11 +132,11 @@ def test_bad_and_unknown_references(fakehub: FakeHub, hf_env: dict[str, str], rb
         assert bad.status_code == 400
         assert "hf:org/repo:Q4_K_M" in bad.json()["error"]["message"]
         missing = hive.http.post("/v1/models/download", json={"model": "hf:rbee-test/nope"})
-        assert missing.status_code == 422 and missing.json()["error"]["code"] == "model_not_found"
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
         no_quant = hive.http.post("/v1/models/download", json={"model": f"{REF}:Q2_K"})
-        assert no_quant.status_code == 422 and "small-Q8_0.gguf" in no_quant.json()["error"]["message"]
+        assert no_quant.status_code == 404 and "small-Q8_0.gguf" in no_quant.json()["error"]["message"]
         spawn = hive.spawn(model="file:/nonexistent/model.gguf")
-        assert spawn.status_code == 422 and spawn.json()["error"]["code"] == "model_not_found"
+        assert spawn.status_code == 404 and spawn.json()["error"]["code"] == "model_not_found"
 
 
 def test_an_abandoned_download_stops_and_a_later_one_resumes_its_part(

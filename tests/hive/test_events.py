@@ -263,7 +263,7 @@ def test_resolve_names_the_file_without_fetching_it(fakehub: FakeHub, hf_env: di
         assert missing.status_code == 404, missing.text
         error = missing.json()["error"]
         assert error["code"] == "model_not_found" and "file:/no/such.gguf" in error["message"]
-        assert "does not exist on this node" in error["message"]
+        assert "RBEE_MODEL_DIRS" in error["message"]
         nobody = resolve("hf:nobody/nothing")
         assert nobody.status_code == 404, nobody.text
         error = nobody.json()["error"]

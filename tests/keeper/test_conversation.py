@@ -14,7 +14,7 @@ from rbee.errors import InvalidRequestError, RbeeError
 from rbee.keeper.conversation import HELP, PROMPT, Conversation, Entry, PromptReader, interpret, sigint_action
 from rbee.keeper.main import NO_PROMPT, PromptUsageError, prompt_from_stdin, read_prompt
 from rbee.keeper.run_job import _JobOutcome
-from rbee.narration.events import Error
+from rbee.narration.events import End, Error
 from rbee.requests import parse_infer_request
 
 # -- Conversation -------------------------------------------------------------------------
@@ -185,6 +185,8 @@ class FakeCall:
         outcome.tokens = len(self.tokens)
         if self.ends == "error":
             outcome.error = Error(code="internal_error", message="it broke")
+        else:  # the whole answer: an `end` came (without one the keeper reports a cut stream)
+            outcome.end = End(tokens_out=len(self.tokens), decode_time_ms=1.0, tokens_per_sec=1.0, stop_reason="eos")
         return outcome
 
 

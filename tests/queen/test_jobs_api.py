@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -22,15 +21,6 @@ from rbee.narration.events import DONE, Error, NarrationEvent
 from rbee.queen.nodes import Node, NodeRegistry
 from tests.processes import RbeeProcess, program
 from tests.queen.support import start_queen, wait_no_rbee_processes
-
-
-@pytest.fixture
-def silent_ssh_port() -> Iterator[int]:
-    """A TCP port that accepts connections (kernel backlog) but never answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        yield s.getsockname()[1]
 
 
 @pytest.fixture
@@ -150,9 +140,10 @@ def test_a_client_that_goes_away_cancels_its_job_unless_detached(queen) -> None:
 
 
 @pytest.mark.parametrize("how", ["http", "sigterm"])
-def test_shutdown_cancels_jobs_and_exits_zero(rbee_home: Path, silent_ssh_port: int, how: str) -> None:
+def test_shutdown_drains_then_cancels_jobs_and_exits_zero(rbee_home: Path, silent_ssh_port: int, how: str) -> None:
     NodeRegistry(rbee_home / "nodes.db").put(Node(name="stuck", ssh_host="127.0.0.1", ssh_port=silent_ssh_port))
-    with start_queen(rbee_home) as proc:
+    # A job that cannot finish (its node never answers SSH) outlives a 1 s grace period.
+    with start_queen(rbee_home, "--grace-period", "1") as proc:
         url = proc.bound_url()
         job = httpx.post(f"{url}/v1/jobs", json={"node": "stuck", "model": "gemma3-270m", "prompt": "p", "detach": True}).json()
         if how == "http":
@@ -162,6 +153,8 @@ def test_shutdown_cancels_jobs_and_exits_zero(rbee_home: Path, silent_ssh_port: 
         assert proc.wait(20) == 0
         actions = [o.get("action") for o in proc.json_lines()]
         assert actions[-1] == "queen_stopped" and "queen_shutdown" in actions
+        drain = [o for o in proc.json_lines() if o.get("action") == "queen_drain"]
+        assert drain and drain[0]["jobs"] == 1 and drain[0]["grace_period_s"] == 1
         assert job["job_id"]
     assert not wait_no_rbee_processes(rbee_home, 5)
 

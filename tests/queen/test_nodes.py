@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from rbee.errors import InvalidRequestError, NotFoundError
+from rbee.errors import InvalidRequestError, NotFoundError, StateError
 from rbee.queen.asyncio_bridge import AsyncioBridge
 from rbee.queen.nodes import LOCALHOST, Node, NodeRegistry, validate_node_fields
 from rbee.errors import NodeUnreachableError
@@ -89,3 +89,19 @@ def test_probe_pins_the_host_key_and_refuses_a_wrong_one_or_a_wrong_user(sshd_se
             bridge.close()
 
     trio.run(main)
+
+
+def test_a_damaged_registry_is_set_aside_by_the_queen_and_refused_to_anyone_else(tmp_path: Path) -> None:
+    db = tmp_path / "nodes.db"
+    NodeRegistry(db).put(Node(name="mac", ssh_host="mac.lan"))
+    damaged = b"SQLite format 3\0" + b"\xff" * 4000  # a header, then nothing a database holds
+    db.write_bytes(damaged)
+    with pytest.raises(StateError, match="nodes.db is damaged") as caught:
+        NodeRegistry(db)  # the keeper reading it: it moves nothing
+    assert "start queen-rbee" in caught.value.message and db.read_bytes() == damaged
+    registry = NodeRegistry(db, set_aside_damaged=True)  # the queen
+    assert registry.set_aside is not None and registry.set_aside.name.startswith("nodes.db.corrupt-")
+    assert registry.set_aside.read_bytes() == damaged and registry.damage
+    assert [n.name for n in registry.list()] == [LOCALHOST]
+    registry.put(Node(name="mac", ssh_host="mac.lan"))  # the new registry takes nodes again
+    assert NodeRegistry(db).get("mac").ssh_host == "mac.lan"

@@ -282,8 +282,11 @@ def test_a_hive_that_exits_takes_its_workers() -> None:
     scheduler = Scheduler()
     scheduler.upsert(record("a"))
     scheduler.upsert(record("b", node="blep"))
+    changed = scheduler.worker_changed
     assert [w.worker_id for w in scheduler.hive_gone("localhost")] == ["a"]
     assert list(scheduler.workers) == ["b"]
+    # Whoever watched a worker's load (a spawn) hears that it will never end, and why.
+    assert changed.is_set() and scheduler.exit_reasons["a"] == "its hive on node localhost exited"
 
 
 def test_slot_counts_sum_the_copies() -> None:

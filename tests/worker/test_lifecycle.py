@@ -162,23 +162,31 @@ def test_http_answers_while_loading_then_progress_ends_with_ready(embedded_model
     assert proc.proc.returncode == 0
 
 
-def test_sigterm_cancels_the_stream_frees_the_model_and_exits_0(embedded_model):
+def _stop_mid_stream(url: str, stop) -> list:
+    """The events of a long inference during which ``stop()`` is called (after a token)."""
+    with httpx.Client(timeout=HTTP_TIMEOUT) as client:
+        body = {"prompt": COUNTING_PROMPT, "max_tokens": 400, "temperature": 0}
+        with client.stream("POST", f"{url}/v1/inference", json=body) as response:
+            decoder, events = sse.Decoder(), []
+            chunks = response.iter_bytes()
+            while not any(e.type == "token" for e in events):
+                events += decoder.feed(next(chunks))
+            stop()
+            for chunk in chunks:
+                events += decoder.feed(chunk)
+    return events
+
+
+def test_sigterm_ends_the_stream_with_the_truth_frees_the_model_and_exits_0(embedded_model):
     proc = start_worker(embedded_model)
     try:
         url = proc.bound_url()
         assert wait_ready(url)["ready"]
-        with httpx.Client(timeout=HTTP_TIMEOUT) as client:
-            body = {"prompt": COUNTING_PROMPT, "max_tokens": 400, "temperature": 0}
-            with client.stream("POST", f"{url}/v1/inference", json=body) as response:
-                decoder, events = sse.Decoder(), []
-                chunks = response.iter_bytes()
-                while not any(e.type == "token" for e in events):
-                    events += decoder.feed(next(chunks))
-                proc.signal(signal.SIGTERM)
-                for chunk in chunks:
-                    events += decoder.feed(chunk)
-        assert events[-1] is DONE and events[-2].type == "end"
-        assert events[-2].stop_reason == "cancelled"
+        events = _stop_mid_stream(url, lambda: proc.signal(signal.SIGTERM))
+        # A cut answer is never an `end`: its own client did not cancel it.
+        assert events[-1] is DONE and events[-2].type == "error", events[-3:]
+        assert events[-2].code == "shutting_down" and "SIGTERM" in events[-2].message
+        assert not any(e.type == "end" for e in events)
         assert proc.wait(30) == 0
     finally:
         proc.stop()
@@ -186,6 +194,20 @@ def test_sigterm_cancels_the_stream_frees_the_model_and_exits_0(embedded_model):
     tail = ["signal_received", "server_shutdown", "memory_freed", "exiting"]
     assert [a for a in seen if a in tail] == tail
     assert proc.stderr_text().strip() == ""
+
+
+def test_a_stop_by_the_hive_ends_the_stream_with_its_reason(embedded_model):
+    proc = start_worker(embedded_model)
+    try:
+        url = proc.bound_url()
+        assert wait_ready(url)["ready"]
+        events = _stop_mid_stream(url, lambda: httpx.post(
+            f"{url}/v1/shutdown", json={"reason": "idle for 300 s"}, timeout=HTTP_TIMEOUT))
+        assert events[-1] is DONE and events[-2].type == "error", events[-3:]
+        assert events[-2].code == "shutting_down" and "stopped by its hive (idle for 300 s)" in events[-2].message
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()
 
 
 def test_sigterm_while_loading_exits_0_at_once(embedded_model):

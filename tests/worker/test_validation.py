@@ -82,9 +82,10 @@ BAD_REQUESTS = [
     ("job-id-slash", body(job_id="a/b"), "job_id", "pattern:[A-Za-z0-9._:-]{1,128}"),
     ("job-id-number", body(job_id=7), "job_id", "type:string"),
     ("not-json", b"prompt=Hello", "(body)", "json"),
-    ("empty-body", b"", "(body)", "json"),
-    ("nan-is-not-json", b'{"prompt": "Hello", "temperature": NaN}', "(body)", "json"),
-    ("not-utf8", b'{"prompt": "\xff"}', "(body)", "json"),
+    ("empty-body", b"", "(body)", "required"),
+    ("nan-is-not-json", b'{"prompt": "Hello", "temperature": NaN}', "temperature", "finite"),
+    ("not-utf8", b'{"prompt": "\xff"}', "(body)", "utf-8"),
+    ("too-deep", b'{"prompt": "Hello", "x": ' + b"[" * 65 + b"]" * 65 + b"}", "(body)", "max_depth:64"),
     ("array-body", b'["Hello"]', "(body)", "object"),
     ("string-body", b'"Hello"', "(body)", "object"),
 ]
@@ -98,7 +99,8 @@ def test_parse_rejects(raw, field, constraint):
     assert error.code == "invalid_request" and error.http_status == 400
     assert error.details[0]["field"] == field
     assert error.details[0]["constraint"] == constraint
-    assert error.details[0]["message"] and error.message.startswith(("invalid inference request", "the request body"))
+    assert error.details[0]["message"] and error.message.startswith(("invalid inference request", "the request body",
+                                                                       f"{field}: "))
 
 
 def test_parse_reports_every_bad_field_at_once():
