@@ -15,7 +15,7 @@ Compares, with the embedded Gemma-3 270M model, greedy decoding, the same prompt
 Runs alternate (worker, client, worker, client, ...) so that both see the same load.
 Time to first token (TTFT) is measured by the caller from sending the request to
 receiving the first token; tok/s from the first to the last token. The keeper's figures
-are its own ``job_summary`` (TTFT from the start of its job, tok/s as the worker reports).
+are its own summary (``job_complete``) (TTFT from the start of its job, tok/s as the worker reports).
 Medians and best-of-runs are both printed: on a shared 2-core machine the best run is the
 least disturbed one. Goals: e2e tok/s >= 0.95 x worker SSE; warm TTFT overhead <= 15 ms.
 
@@ -117,15 +117,15 @@ async def client_run(queen_url: str, max_tokens: int) -> tuple[float, float, int
 
 
 def keeper_run(queen_url: str, env: dict[str, str], max_tokens: int) -> tuple[float, float, int]:
-    """(ttft_ms, tok/s, tokens) as the keeper CLI reports them (its job_summary)."""
+    """(ttft_ms, tok/s, tokens) as the keeper CLI reports them (its summary, job_complete)."""
     argv = [program("rbee-keeper"), "infer", "--node", "localhost", "--model", "gemma3-270m", "--prompt", PROMPT,
             "--max-tokens", str(max_tokens), "--temperature", "0", "--seed", "1", "--narration", "json"]
     done = subprocess.run(argv, env={**env, "RBEE_QUEEN_URL": queen_url}, capture_output=True, check=True)
     for line in done.stderr.decode().splitlines():
-        if '"job_summary"' in line:
+        if '"job_complete"' in line:
             s = json.loads(line)
             return float(s["first_token_ms"]), float(s["tokens_per_sec"]), int(s["tokens_out"])
-    raise SystemExit("the keeper printed no job_summary")
+    raise SystemExit("the keeper printed no summary (job_complete)")
 
 
 def openai_run(client: "OpenAI", max_tokens: int) -> tuple[float, float, int]:

@@ -14,7 +14,7 @@ hive's ``worker_spawn``), or after the k-th piece of the answer on the keeper's 
 our programs whose environment carries this run's ``RBEE_HOME``. Then the harness records:
 
 - the keeper's exit code, and whether it printed the whole answer (``end`` with
-  ``tokens_out == max_tokens`` or a natural stop, ``Complete: infer``, a ``job_summary``
+  ``tokens_out == max_tokens`` or a natural stop, and the summary ``Complete: infer — N tokens``
   with the same count); exit 0 without the whole answer is the bad case;
 - a traceback on the keeper's stderr (and in the daemons' logs under ``RBEE_HOME``);
 - every process of that ``RBEE_HOME`` after the kill: when each one ended, and those
@@ -411,10 +411,10 @@ def next_hive_start(home: Path, env: dict[str, str]) -> tuple[list[str], bool]:
 
 def judge_answer(k: Keeper, max_tokens: int, r: Result) -> None:
     """Whole answer: an ``end`` that is not ``cancelled`` with ``max_tokens`` tokens or a
-    natural stop, ``Complete: infer``, and a ``job_summary`` with the same count."""
+    natural stop, and the summary (``Complete: infer — N tokens ...``) with the same count."""
     end = k.saw(type_="end")
     complete = [e for e in k.events() if e.get("action") == "job_complete"]
-    summary = k.saw(action="job_summary")
+    summary = next((e for e in complete if e.get("human", "").startswith("Complete: infer")), None)
     if end is not None:
         r.tokens_out, r.stop_reason = end.get("tokens_out"), end.get("stop_reason")
     r.failed_line = next((e.get("human", "") for e in complete if "Failed:" in e.get("human", "")), "")
@@ -423,7 +423,6 @@ def judge_answer(k: Keeper, max_tokens: int, r: Result) -> None:
         end is not None
         and (end.get("stop_reason") in ("eos", "stop_sequence")
              or (end.get("stop_reason") == "max_tokens" and end.get("tokens_out") == max_tokens))
-        and any(e.get("human") == "Complete: infer" for e in complete)
         and summary is not None and summary.get("tokens_out") == end.get("tokens_out")
     )
 

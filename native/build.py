@@ -46,8 +46,10 @@ GGML_INCLUDE = Path("vendor/llama.cpp/ggml/include")
 COMMIT_FILE = Path(".git/modules/vendor/llama.cpp/HEAD")
 CDEF_START = "/* --- cdef start --- */"
 CDEF_END = "/* --- cdef end --- */"
-# The one Python callback the C loop calls per piece of text (see rbee/worker/native.py).
-CDEF_CALLBACK = 'extern "Python" int rbee_py_on_token(void *, int32_t, const char *, size_t);\n'
+# The Python callbacks the C side calls: per piece of text (the token loop) and per load
+# progress report (see rbee/worker/native_lib.py).
+CDEF_CALLBACK = ('extern "Python" int rbee_py_on_token(void *, int32_t, const char *, size_t);\n'
+                 'extern "Python" bool rbee_py_on_load_progress(float, void *);\n')
 
 
 def llama_cpp_location() -> tuple[Path, str]:

@@ -194,7 +194,8 @@ bool rbee_abort_flag_is_set(const rbee_abort_flag * flag) {
 /* ---- model -------------------------------------------------------------------------- */
 
 rbee_model_params rbee_model_default_params(void) {
-    rbee_model_params p = {.backend = "cpu", .device = 0, .n_gpu_layers = -1};
+    rbee_model_params p = {.backend = "cpu", .device = 0, .n_gpu_layers = -1, .progress = NULL,
+                           .progress_user_data = NULL};
     return p;
 }
 
@@ -242,6 +243,11 @@ rbee_status rbee_model_load(const char * path, const rbee_model_params * params,
         mp.n_gpu_layers = params->n_gpu_layers;
     }
 
+    if (params->progress != NULL) {
+        /* Without one llama.cpp installs its own, which prints dots into the log. */
+        mp.progress_callback = params->progress;
+        mp.progress_callback_user_data = params->progress_user_data;
+    }
     m->model = llama_model_load_from_file(path, mp);
     if (m->model == NULL) {
         status = RBEE_STATUS_MODEL_LOAD_FAILED;

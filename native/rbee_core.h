@@ -106,10 +106,17 @@ bool rbee_abort_flag_is_set(const rbee_abort_flag * flag);
 
 /* ---- model -------------------------------------------------------------------------- */
 
+/* How far a model load has got: the share of the weights' bytes read so far (0..1, 1 once
+ * all are), called on the loading thread (llama_model_params.progress_callback). Return
+ * false to stop the load: rbee_model_load then fails with RBEE_STATUS_MODEL_LOAD_FAILED. */
+typedef bool (*rbee_load_progress_fn)(float progress, void * user_data);
+
 typedef struct rbee_model_params {
     const char * backend;   /* "cpu", "cuda" or "metal" */
     int32_t device;         /* index among that backend's devices (ignored for "cpu") */
     int32_t n_gpu_layers;   /* layers to offload, -1 = all (ignored for "cpu") */
+    rbee_load_progress_fn progress;  /* NULL: no progress reports */
+    void * progress_user_data;       /* passed to progress as is; borrowed for the load */
 } rbee_model_params;
 
 typedef struct rbee_model_info {

@@ -167,6 +167,13 @@ class PreflightError(ModelError):
     http_status = 409
 
 
+class ModelInUseError(ModelError):
+    """The model cannot be removed: a worker has it loaded, or a spawn is provisioning it."""
+
+    code = "model_in_use"
+    http_status = 409
+
+
 # -- capacity: not now ---------------------------------------------------------------
 
 
@@ -286,6 +293,13 @@ class QueenUnreachableError(BelowError):
     code = "queen_unreachable"
 
 
+class NotAQueenError(QueenUnreachableError):
+    """Something answers at the queen's URL, but it is not queen-rbee (its ``/health`` does
+    not say ``"service": "queen-rbee"``)."""
+
+    code = "not_a_queen"
+
+
 class QueenStartError(BelowError):
     """The ephemeral or persistent queen did not come up."""
 
@@ -335,11 +349,11 @@ ERRORS: dict[str, type[RbeeError]] = {cls.code: cls for cls in (
     HeadersTooLargeError, RequestTimeoutError, JobExistsError,
     AuthError,
     NotFoundError, ModelNotFoundError,
-    ModelError, ModelLoadError, ProvisionError, ChecksumMismatchError, PreflightError,
+    ModelError, ModelLoadError, ProvisionError, ChecksumMismatchError, PreflightError, ModelInUseError,
     UnavailableError, BusyError, SlotsFullError, QueueFullError, LoadingError, ShuttingDownError,
     JobCancelledError,
     BelowError, WorkerError, WorkerFailedError, WorkerLostError, WorkerStalledError, CallbackError,
-    BindFailedError, NativeError, NarrationError, JobError, QueenUnreachableError, QueenStartError,
+    BindFailedError, NativeError, NarrationError, JobError, QueenUnreachableError, NotAQueenError, QueenStartError,
     HiveStartError, HiveLostError, SshError, NodeUnreachableError,
     StateError,
 )}

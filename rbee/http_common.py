@@ -190,6 +190,20 @@ async def json_body(*, required: bool = True) -> dict[str, Any]:
     return parse_json_object(await request_body(), required=required)
 
 
+def model_query() -> str:
+    """The ``?model=REF`` of the current request (the model routes that take no body:
+    ``DELETE /v1/models`` on the hive, ``DELETE /v1/nodes/{name}/models`` on the queen):
+    exactly one, not blank; else 400 naming the field."""
+    given = request.args.getlist("model")
+    if len(given) != 1 or not given[0].strip():
+        why = "given more than once" if len(given) > 1 else "required"
+        raise InvalidRequestError(
+            f"the query parameter model is {why}: ?model=REFERENCE (e.g. ?model=gemma3-270m)",
+            details=[{"field": "model", "constraint": "one non-empty string", "message": f"model is {why}"}],
+        )
+    return given[0].strip()
+
+
 def bearer_matches(header: str | None, token: str) -> bool:
     """``header`` is ``Bearer <token>``: the scheme in any case (RFC 9110 says schemes are
     case-insensitive), the token compared in constant time."""

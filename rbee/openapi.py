@@ -100,6 +100,8 @@ class Route:
     headers: tuple[str, ...] = ()
     description: str = ""
     params: Mapping[str, str] = field(default_factory=dict)
+    #: Required query parameters (strings) by name, with their descriptions.
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
 #: Response headers a route may document, by name.
@@ -356,6 +358,21 @@ def worker_routes() -> tuple[list[Route], dict[str, Any]]:
 
 # -- the hive -----------------------------------------------------------------------------
 
+#: The ``?model=`` of the routes that remove a model (a query: references hold '/' and ':').
+MODEL_QUERY = f"The model to remove, as listed or as asked for: {ACCEPTED_FORMS}."
+
+
+def model_removed() -> dict[str, Any]:
+    """What removing a model answers (``HiveState.remove_model``)."""
+    return _object({
+        "reference": {"type": "string", "description": "The catalog's reference of the model removed."},
+        "local_path": {"type": "string"},
+        "size": {"type": "integer", "minimum": 0},
+        "file_deleted": {"type": "boolean", "description": "false: the file is not rbee's (a file: model, or one "
+                                                           "in the Hugging Face cache) and stays where it is."},
+    }, ["reference", "local_path", "size", "file_deleted"])
+
+
 
 def hive_routes() -> tuple[list[Route], dict[str, Any]]:
     """The hive's routes and its own component schemas."""
@@ -409,6 +426,7 @@ def hive_routes() -> tuple[list[Route], dict[str, Any]]:
                               "Which file a reference means on this node (nothing is fetched)."),
         "DownloadStarted": _object({"download_id": {"type": "string"}, "model_ref": {"type": "string"}},
                                    ["download_id", "model_ref"]),
+        "ModelRemoved": model_removed(),
     }
     worker_id = {"worker_id": "The worker's id (GET /v1/workers)."}
     routes = [
@@ -428,6 +446,10 @@ def hive_routes() -> tuple[list[Route], dict[str, Any]]:
         Route("post", "/v1/workers/{worker_id}/shutdown", "Stop one worker; answers once it is gone", "WorkerStopped",
               body="WorkerStopRequest", body_optional=True, errors=(404,), params=worker_id),
         Route("get", "/v1/models", "The model catalog", "Models"),
+        Route("delete", "/v1/models", "Remove a model: its catalog entry, and its file when rbee put it there",
+              "ModelRemoved", errors=(400, 404, 409), query={"model": MODEL_QUERY},
+              description="404 model_not_found: not in the catalog; 409 model_in_use: a worker has it, or a "
+                          "spawn or download is provisioning it."),
         Route("post", "/v1/models/resolve", "Which file a reference means here (fetches nothing)", "Resolution",
               body="ModelRequest", errors=(400, 404, 422, 502)),
         Route("post", "/v1/models/download", "Provision a model in the background", "DownloadStarted", ok=202,
@@ -576,8 +598,13 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
                    "state": {"type": "string"}, "detach": {"type": "boolean"}},
                   ["job_id", "operation", "state", "detach"])
     schemas = {
-        "QueenHealth": _object({"status": {"const": "ok"}, "jobs": {"type": "integer", "minimum": 0},
-                                "hives": {"type": "array", "items": {"type": "string"}}}, ["status", "jobs", "hives"]),
+        "QueenHealth": _object({
+            "status": {"const": "ok"},
+            "service": {"const": QUEEN, "description": "What tells a queen from any other server answering here."},
+            "version": {"type": "string", "description": "The rbee version of this queen."},
+            "pid": {"type": "integer", "minimum": 1}, "uptime_s": {"type": "number", "minimum": 0},
+            "jobs": {"type": "integer", "minimum": 0}, "hives": {"type": "array", "items": {"type": "string"}},
+        }, ["status", "service", "version", "pid", "uptime_s", "jobs", "hives"]),
         "JobRequest": {"anyOf": [ref("InferJob"), ref("DownloadJob")],
                        "description": "An infer job (the default operation) or a download job."},
         "InferJob": infer_job,
@@ -600,6 +627,9 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
         "CatalogEntry": dataclass_schema(CatalogEntry, omit_null=False),
         "NodeModels": _object({"node": {"type": "string"}, "models": {"type": "array", "items": ref("CatalogEntry")}},
                               ["node", "models"]),
+        "NodeModelRemoved": {**model_removed(), "properties": {"node": {"type": "string"},
+                                                               **model_removed()["properties"]},
+                             "required": ["node", *model_removed()["required"]]},
         "Metrics": {"type": "string", "description": "Prometheus text exposition format (OpenMetrics when asked)."},
         **openai_request_schemas(),
         **openai_answer_schemas(),
@@ -628,6 +658,9 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
               body="WorkersShutdownRequest", body_optional=True, errors=(400, 404, 502)),
         Route("get", "/v1/nodes/{name}/models", "A node's model catalog (starts its hive)", "NodeModels",
               errors=(404, 502, 504), params=node),
+        Route("delete", "/v1/nodes/{name}/models", "Remove a model from a node (starts its hive)",
+              "NodeModelRemoved", errors=(400, 404, 409, 502, 504), params=node, query={"model": MODEL_QUERY},
+              description="The node's hive decides: 404 model_not_found, 409 model_in_use while a worker has it."),
         Route("post", "/v1/chat/completions", "OpenAI chat completion (an infer job)", "ChatCompletion",
               body="ChatCompletionRequest", stream=("openai:ChatCompletionChunk",),
               errors=(400, 404, 409, 422, 502, 504), headers=("X-Rbee-Job-Id",)),
@@ -684,12 +717,17 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.shutdown:
         op["x-rbee-shutdown"] = True
     params = re.findall(r"{([^}]+)}", route.path)
-    if params:
-        op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "description": route.params.get(p, ""),
-             "schema": {"type": "string", "minLength": 1}}
-            for p in params
-        ]
+    parameters = [
+        {"name": p, "in": "path", "required": True, "description": route.params.get(p, ""),
+         "schema": {"type": "string", "minLength": 1}}
+        for p in params
+    ] + [
+        {"name": name, "in": "query", "required": True, "description": description,
+         "schema": {"type": "string", "minLength": 1}}
+        for name, description in route.query.items()
+    ]
+    if parameters:
+        op["parameters"] = parameters
     if route.body:
         op["requestBody"] = {"required": not route.body_optional,
                              "content": {"application/json": {"schema": ref(route.body)}}}
@@ -709,7 +747,7 @@ def _operation(route: Route) -> dict[str, Any]:
         success["headers"] = {h: HEADERS[h] for h in route.headers}
     responses: dict[str, Any] = {str(route.ok): success}
     statuses = set(route.errors) | {503}
-    if route.body:
+    if route.body or route.query:
         statuses.add(400)
     if not route.public:
         statuses.add(401)

@@ -298,6 +298,8 @@ def test_a_real_queen_answers_as_its_document_says(rbee_home: Path, silent_ssh_p
                 ("POST", "/v1/completions", "/v1/completions", {"model": "x", "prompt": "p"}, 404),
                 ("POST", "/v1/nodes", "/v1/nodes", {"name": "localhost", "ssh_host": "-x"}, 400),
                 ("DELETE", "/v1/nodes/nope", "/v1/nodes/{name}", None, 404),
+                ("DELETE", "/v1/nodes/nope/models?model=gemma3-270m", "/v1/nodes/{name}/models", None, 404),
+                ("DELETE", "/v1/nodes/localhost/models", "/v1/nodes/{name}/models", None, 400),
                 ("POST", "/v1/workers/shutdown", "/v1/workers/shutdown", {}, 200),
             ):
                 answer = client.request(method, path, json=body)

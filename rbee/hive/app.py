@@ -20,6 +20,9 @@
 - ``GET /v1/workers/{id}/narration``: SSE of the worker's stdout/stderr since spawn, then
   live, ``[DONE]`` when it exited. ``POST /v1/workers/{id}/shutdown``.
 - ``GET /v1/models`` -> ``{"models": [catalog entries]}``.
+- ``DELETE /v1/models?model=REF`` -> ``{reference, local_path, size, file_deleted}``: the
+  catalog entry goes, and the file too when rbee put it under ``$RBEE_HOME/models``; 404
+  ``model_not_found``, 409 ``model_in_use`` while a worker has it (``HiveState.remove_model``).
 - ``POST /v1/models/resolve {model}`` -> ``{reference, sha256, size, on_disk, file}``: which
   file the reference means on this node, fetching nothing (404 ``model_not_found``).
 - ``POST /v1/models/download {model}`` -> 202 ``{download_id, model_ref}``;
@@ -40,7 +43,7 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..http_common import install_error_edge, json_body, sse_response, streaming_app
+from ..http_common import install_error_edge, json_body, model_query, sse_response, streaming_app
 from ..narration import narrate
 from ..openapi import HIVE, OPENAPI_PATH, served_document
 from .auth import check_request
@@ -111,6 +114,10 @@ def create_app(state: HiveState) -> QuartTrio:
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"models": [e.public() for e in state.catalog.list()]}
+
+    @app.delete("/v1/models")
+    async def remove_model() -> dict[str, Any]:
+        return state.remove_model(model_query())
 
     @app.post("/v1/models/resolve")
     async def resolve_model() -> dict[str, Any]:

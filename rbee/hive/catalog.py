@@ -188,6 +188,55 @@ class ModelCatalog:
             db.execute("DELETE FROM models WHERE reference = ?", (reference,))
 
 
+_ENTRY_FIELDS = tuple(f for f in CatalogEntry.__dataclass_fields__)
+
+
+def _entry(row: sqlite3.Row) -> CatalogEntry:
+    # A newer schema may have columns this rbee does not know: they are left out.
+    return CatalogEntry(**{k: row[k] for k in row.keys() if k in _ENTRY_FIELDS})
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection | None]:
+    """A connection that only reads ``path`` (None when there is no catalog yet).
+
+    For the keeper, which lists a node's models with no hive running: it creates nothing
+    (``mode=rw`` never creates the file; closing the last connection removes the WAL
+    files SQLite made for the read) and writes nothing (``query_only``), runs no
+    migration and sets nothing aside. Any trouble is ``sqlite3.Error`` (the caller asks
+    a hive instead, which repairs what it can)."""
+    if not path.is_file():
+        yield None
+        return
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA query_only=ON")
+        yield db
+    finally:
+        db.close()
+
+
+def read_entries(path: Path) -> list[CatalogEntry]:
+    """Every entry of the catalog at ``path``, by reference, reading only (see ``_reading``)."""
+    with _reading(path) as db:
+        if db is None:
+            return []
+        return [_entry(row) for row in db.execute("SELECT * FROM models ORDER BY reference").fetchall()]
+
+
+def read_entry(path: Path, reference: str) -> CatalogEntry | None:
+    """The entry of a canonical reference or of an alias, reading only (see ``_reading``)."""
+    with _reading(path) as db:
+        if db is None:
+            return None
+        row = db.execute("SELECT * FROM models WHERE reference = ?", (reference,)).fetchone()
+        if row is None and db.execute("PRAGMA user_version").fetchone()[0] >= 2:
+            row = db.execute("SELECT m.* FROM models m JOIN model_aliases a ON a.reference = m.reference "
+                             "WHERE a.alias = ?", (reference,)).fetchone()
+        return None if row is None else _entry(row)
+
+
 @contextlib.contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on busy_timeout

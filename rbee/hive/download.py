@@ -29,7 +29,7 @@ import httpx
 import trio
 
 from ..errors import ChecksumMismatchError, ModelNotFoundError, ProvisionError, RbeeError
-from ..requests import ModelRef
+from ..requests import EMBEDDED_ALIAS, ModelRef
 
 #: Progress narration is rate-limited to this many events per second.
 PROGRESS_EVENTS_PER_S = 4
@@ -91,12 +91,51 @@ def offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
+#: The models that need no Hub: what to use when it cannot be reached.
+WITHOUT_THE_HUB = (
+    f"a model this node already has (rbee-keeper models list), the embedded {EMBEDDED_ALIAS}, or a file: "
+    "model (file:/abs/path.gguf, in a folder of RBEE_MODEL_DIRS)"
+)
+
+#: Failing to connect, by class name: huggingface_hub's HTTP library has been requests
+#: (``ConnectionError``, ``ConnectTimeout``), httpx and httpx2 (``ConnectError``,
+#: ``ConnectTimeout``); beneath them the OS's (``gaierror``: no DNS; ``ConnectionRefusedError``,
+#: a builtin ``ConnectionError``).
+_CONNECT_FAILURES = frozenset({"ConnectionError", "ConnectTimeout", "ConnectError", "gaierror"})
+
+
 def offline_message(ref: ModelRef) -> str:
     """Why an hf: reference the catalog does not hold cannot be resolved offline, and the fix."""
     return (
         f"{ref.reference} is not on this node (not in its model catalog), and HF_HUB_OFFLINE is set, so the "
-        f"Hugging Face Hub cannot be asked which file it is: download it first while the Hub can be reached "
-        f"(rbee-keeper models download {ref.reference}), or unset HF_HUB_OFFLINE"
+        f"Hugging Face Hub cannot be asked which file it is: unset HF_HUB_OFFLINE and download it while the Hub "
+        f"can be reached (rbee-keeper models download {ref.reference}), or use {WITHOUT_THE_HUB}"
+    )
+
+
+def cannot_connect(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a failure to connect at all:
+    no DNS, refused, timed out while connecting. A Hub that answers badly is not one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if any(cls.__name__ in _CONNECT_FAILURES for cls in type(current).__mro__):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def unreachable_message(what: str, exc: BaseException) -> str:
+    """The Hub could not be reached for ``what`` (an offline node, a wrong ``HF_ENDPOINT``):
+    the cause and every way out, in one line."""
+    from huggingface_hub import constants
+
+    cause = str(exc) or type(exc).__name__
+    return (
+        f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} for {what} ({cause}): if the Hub is reached "
+        f"through a mirror, set HF_ENDPOINT to its URL; offline, use {WITHOUT_THE_HUB}, and set HF_HUB_OFFLINE=1 "
+        "to stop asking the Hub"
     )
 
 
@@ -133,6 +172,8 @@ def resolve_hub_file(ref: ModelRef) -> HubFile:
     except hf_errors.OfflineModeIsEnabled:
         raise ProvisionError(offline_message(ref)) from None
     except Exception as exc:  # noqa: BLE001 - network and Hub errors become one clear message
+        if cannot_connect(exc):
+            raise ProvisionError(unreachable_message(ref.reference, exc)) from None
         raise ProvisionError(f"could not ask the Hub about {ref.reference}: {exc}") from None
     lfs = sibling.lfs
     sha256 = (lfs.sha256 if lfs else None) or (meta.etag if meta.etag and _SHA256.match(meta.etag) else None)
@@ -221,6 +262,8 @@ async def download_hub_file(hub: HubFile, dest: Path, *, progress: ProgressFn, n
         try:
             location, headers = await trio.to_thread.run_sync(_location_and_headers, hub)
         except Exception as exc:  # noqa: BLE001 - the Hub's errors become one message
+            if cannot_connect(exc):
+                raise ProvisionError(unreachable_message(hub.reference, exc)) from None
             raise ProvisionError(f"could not reach the Hub for {hub.reference}: {exc}") from None
         if have:
             headers["Range"] = f"bytes={have}-"

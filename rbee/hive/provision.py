@@ -177,6 +177,10 @@ class Provisioner:
         self._nursery = nursery
         self._flights: dict[str, _Flight] = {}
 
+    def provisioning(self, reference: str) -> bool:
+        """A flight for this canonical reference is under way."""
+        return reference in self._flights
+
     def catalogued(self, reference: str) -> CatalogEntry | None:
         """The catalog's entry if its file is still there.
 
@@ -297,7 +301,9 @@ class Provisioner:
         say = self._say
         if res.provider == "embedded":
             say(flight, "model_assemble", f"Assembling the embedded model {res.file} ({human_bytes(res.size)})",
-                target=res.reference, bytes_total=res.size)
+                target=res.reference, bytes_total=res.size,
+                cute=f"Gluing {res.file} together from its chunks! 🧩",
+                story=f"The provisioner pieced the embedded model {res.file} together from its parts.")
             path = await trio.to_thread.run_sync(embedded.assemble_embedded, res.local_path.parent)
             return self._register(flight, res, path, embedded.embedded_sha256())
         if res.provider == "file":
@@ -315,7 +321,9 @@ class Provisioner:
         res.local_path.parent.mkdir(parents=True, exist_ok=True)
         check_disk(hub.size - (part.stat().st_size if part.exists() else 0), res.local_path.parent, model=res.reference)
         say(flight, "download_start", f"Downloading {hub.repo}/{hub.filename} ({human_bytes(hub.size)})",
-            target=res.reference, bytes_total=hub.size)
+            target=res.reference, bytes_total=hub.size,
+            cute=f"Fetching {hub.filename} from the Hugging Face meadow! ⬇️",
+            story=f"The provisioner set out to fetch {hub.filename} ({human_bytes(hub.size)}) from {hub.repo}.")
 
         def progress(done: int, total: int, speed: float) -> None:
             percent = math.floor(1000.0 * done / total) / 10 if total else 100.0  # 100.0 only when done
@@ -324,7 +332,9 @@ class Provisioner:
                 f"{hub.filename}: {percent:.1f}% of {human_bytes(total)} at {human_bytes(speed)}/s"
                 + (f", {eta:.0f} s left" if eta is not None else ""),
                 target=res.reference, bytes_done=done, bytes_total=total, percent=percent,
-                bytes_per_sec=round(speed), eta_s=eta)
+                bytes_per_sec=round(speed), eta_s=eta,
+                cute=f"Carrying {hub.filename} home: {percent:.0f}%! 🐝",
+                story=f"Mile after mile the provisioner carried {hub.filename}: {percent:.0f}% was home.")
 
         def notice(action: str, human: str) -> None:
             say(flight, action, human, target=res.reference)
@@ -340,5 +350,7 @@ class Provisioner:
         )
         self.catalog.add(entry, aliases=res.aliases)
         self._say(flight, "model_ready", f"{res.reference} is ready at {path} (sha256 verified)",
-                  target=res.reference, bytes_total=entry.size)
+                  target=res.reference, bytes_total=entry.size,
+                  cute=f"{res.reference} is home and checked! 🏡",
+                  story=f"{res.reference} lay safe at {path}, its sha256 checked.")
         return entry

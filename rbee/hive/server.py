@@ -62,7 +62,8 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
     home = rbee_home()
     check_writable(home)
     token = config.api_token if config.api_token is not None else load_token(None)
-    narrate(ACTOR, "hive_start", f"rbee-hive starting (state in {home})", cute="The hive is waking up! 🐝")
+    narrate(ACTOR, "hive_start", f"rbee-hive starting (state in {home})", cute="The hive is waking up! 🐝",
+            story=f"On this node a hive woke up, keeping its honey in {home}.")
     _narrate_model_dirs()
     catalog = await _open_catalog(home)
     pid_dir = home / "workers"
@@ -86,13 +87,17 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
             services.start_soon(_watch_signals, state.shutdown)
         if config.watch_stdin:
             services.start_soon(_watch_stdin, state.shutdown)
-        narrate(ACTOR, "hive_ready", f"rbee-hive is ready on {node.get('hostname')} "
-                f"(backends: {', '.join(node.get('backends') or [])})", url=url)
+        backends = ", ".join(node.get("backends") or [])
+        narrate(ACTOR, "hive_ready", f"rbee-hive is ready on {node.get('hostname')} (backends: {backends})", url=url,
+                cute=f"The hive on {node.get('hostname')} is open for business! 🍯",
+                story=f"The hive on {node.get('hostname')} stood ready, with {backends} to offer.")
         task_status.started(port)
         await state.shutdown.wait()
         state.closing = True
         count = len(workers.list())
-        narrate(ACTOR, "hive_shutdown", f"rbee-hive shutting down: stopping {count} worker(s)", workers=count)
+        narrate(ACTOR, "hive_shutdown", f"rbee-hive shutting down: stopping {count} worker(s)", workers=count,
+                cute=f"Closing the hive: {count} bee(s) to tuck in! 🌙",
+                story=f"The hive began to close, and sent its {count} worker(s) to rest.")
         with trio.CancelScope(shield=True):
             await workers.stop_all("the hive is shutting down")
             workers.events.close()  # GET /v1/events ends with [DONE], after every worker's exited
@@ -102,7 +107,8 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
             with trio.move_on_after(HTTP_DRAIN_S * 2):
                 await http_done.wait()
         services.cancel_scope.cancel()
-    narrate(ACTOR, "hive_stopped", "rbee-hive stopped; no worker left")
+    narrate(ACTOR, "hive_stopped", "rbee-hive stopped; no worker left", cute="The hive is quiet. 💤",
+            story="When the last worker was gone, the hive closed its doors.")
 
 
 def _narrate_model_dirs() -> None:

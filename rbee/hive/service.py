@@ -13,6 +13,7 @@ worker's use.
 
 from __future__ import annotations
 
+import collections
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,17 @@ from typing import Any
 
 import trio
 
-from ..errors import InvalidRequestError, NotFoundError, RbeeError, ShuttingDownError
+from ..errors import (
+    InvalidRequestError,
+    ModelInUseError,
+    ModelNotFoundError,
+    NotFoundError,
+    RbeeError,
+    ShuttingDownError,
+)
 from ..narration import narrate
 from ..narration.events import Error
+from ..paths import models_dir, state_error
 from ..requests import BACKENDS, parse_reference
 from . import preflight
 from .catalog import ModelCatalog
@@ -92,6 +101,17 @@ class DownloadRecord:
     log: EventLog = field(default_factory=EventLog)
 
 
+def _prune_empty_folders(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``root`` while they are
+    empty: a removed download leaves no ``hf/<org>/<repo>/`` behind."""
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or not ours to remove): the rest stays
+        folder = folder.parent
+
+
 @dataclass
 class HiveState:
     """Everything the routes need; built by ``serve()``."""
@@ -106,6 +126,9 @@ class HiveState:
     shutdown: trio.Event = field(default_factory=trio.Event)
     closing: bool = False
     downloads: dict[str, DownloadRecord] = field(default_factory=dict)
+    #: Models that spawns have resolved and not yet handed to a worker (by reference):
+    #: ``remove_model`` refuses them as it refuses a loaded one.
+    preparing: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def _device_memory(self, backend: str, device: dict[str, Any]) -> tuple[int, str, str]:
         """(free bytes, where the figure comes from, what to call the device) for a plan."""
@@ -138,12 +161,17 @@ class HiveState:
         worker_id = new_worker_id()
         log = self.workers.open_log(worker_id)
         started = False
+        held: str | None = None  # the reference this spawn counts in self.preparing
         try:
             ctx = req.ctx_size or DEFAULT_CTX_SIZE
             log.append(narrate(ACTOR, "spawn_request", f"Preparing worker {worker_id} for {ref.reference} on "
                                f"{req.backend}:{req.device} with {preflight.slots_phrase(parallel)} of {ctx} tokens",
-                               worker_id=worker_id, target=worker_id, parallel=parallel, ctx_size=ctx))
+                               worker_id=worker_id, target=worker_id, parallel=parallel, ctx_size=ctx,
+                               cute=f"Making room in the hive for {worker_id}! 🐝",
+                               story=f"The hive prepared a place for {worker_id}, to serve {ref.reference}."))
             res = await self.provisioner.resolve(ref)
+            self.preparing[res.reference] += 1
+            held = res.reference
             # The header's KV figure is per slot (ctx tokens); the plan counts every slot.
             self._plan(res, req, device, parallel, await trio.to_thread.run_sync(res.kv_bytes, ctx))
             entry = await self.provisioner.ensure(res, listener=log.append)
@@ -165,6 +193,10 @@ class HiveState:
                     level="error", worker_id=worker_id, target=worker_id)
             raise
         finally:
+            if held is not None:
+                self.preparing[held] -= 1
+                if self.preparing[held] <= 0:
+                    del self.preparing[held]
             if not started:
                 self.workers.drop_log(worker_id)
 
@@ -192,6 +224,47 @@ class HiveState:
         res = await self.provisioner.resolve(ref)  # ModelNotFoundError is a 404 of its own
         return res.public()
 
+    def remove_model(self, model: str) -> dict[str, Any]:
+        """``DELETE /v1/models?model=REF``: forget a model, and delete its file when rbee
+        put it under ``$RBEE_HOME/models`` (a download, the embedded model). A ``file:``
+        model's file, or one used where it lies in the Hugging Face cache, is not rbee's:
+        it stays, and only the catalog entry goes.
+
+        404 ``model_not_found`` when the catalog does not hold it (by reference or alias);
+        409 ``model_in_use`` while a worker has it (loading, serving or stopping) or a
+        spawn or download is provisioning it.
+        """
+        ref = parse_reference(model)
+        entry = self.catalog.get(ref.reference)
+        if entry is None:
+            raise ModelNotFoundError(f"no model {ref.reference} on this node "
+                                     "(`rbee-keeper models list --node NODE` lists its models)")
+        users = [w.worker_id for w in self.workers.list()
+                 if w.model_ref == entry.reference or w.model_path == entry.local_path]
+        if users:
+            raise ModelInUseError(
+                f"{entry.reference} is in use by worker {', '.join(users)}: stop it first "
+                f"(`rbee-keeper workers shutdown --worker-id {users[0]}`) or wait until it unloads",
+                details={"workers": users})
+        if self.preparing.get(entry.reference) or self.provisioner.provisioning(entry.reference):
+            raise ModelInUseError(f"{entry.reference} is being provisioned for a worker or a download: "
+                                  "remove it once that is done")
+        path = Path(entry.local_path)
+        root = models_dir()
+        ours = entry.provider in ("hf", "embedded") and path.resolve().is_relative_to(root.resolve())
+        if ours:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise state_error(path, exc) from None
+            _prune_empty_folders(path.parent, root)
+        self.catalog.remove(entry.reference)
+        kept = "" if ours else f" (its file {path} is not rbee's and stays)"
+        narrate(ACTOR, "model_removed", f"{entry.reference} removed from the catalog{kept}",
+                target=entry.reference, local_path=entry.local_path, file_deleted=ours)
+        return {"reference": entry.reference, "local_path": entry.local_path, "size": entry.size,
+                "file_deleted": ours}
+
     async def _run_download(self, record: DownloadRecord, res: Resolution) -> None:
         log = record.log
         try:
@@ -200,7 +273,9 @@ class HiveState:
             human = (f"{entry.reference} was already on this node" if already
                      else f"{entry.reference} is downloaded and verified")
             log.append(narrate(ACTOR, "download_complete", human, target=entry.reference,
-                               bytes_total=entry.size, local_path=entry.local_path, sha256=entry.sha256))
+                               bytes_total=entry.size, local_path=entry.local_path, sha256=entry.sha256,
+                               cute=f"{entry.reference} is home safe! 🏠",
+                               story=f"{entry.reference} lay safe on this node's disk."))
         except RbeeError as exc:
             log.append(Error(code=exc.code, message=exc.message))
         finally:

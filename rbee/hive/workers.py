@@ -320,7 +320,9 @@ class WorkerRegistry:
         self._workers[worker_id] = worker
         self._say(worker, "worker_spawn", f"Spawned worker {worker_id} (pid {worker.pid}) for {entry.reference} "
                   f"on {backend}:{device} at {worker.url} with {slots_phrase(parallel)}",
-                  pid=worker.pid, url=worker.url, parallel=parallel)
+                  pid=worker.pid, url=worker.url, parallel=parallel,
+                  cute=f"A new bee hatched: {worker_id}! 🐣",
+                  story=f"The hive sent {worker_id} off to load {entry.reference} on {backend}:{device}.")
         self._publish(worker, "spawned")
         assert worker.proc.stdout is not None and worker.proc.stderr is not None
         streams = []
@@ -388,7 +390,8 @@ class WorkerRegistry:
         code = worker.returncode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         self._say(worker, "worker_exit", f"Worker {worker.worker_id} (pid {worker.pid}) {how}; deregistered",
-                  level="info" if expected else "warn", exit_code=code, pid=worker.pid)
+                  level="info" if expected else "warn", exit_code=code, pid=worker.pid,
+                  cute=f"{worker.worker_id} flew home. 🏠", story=f"{worker.worker_id} left the hive ({how}).")
         worker.state = "exited"
         self._publish(worker, "exited")
         worker.exited.set()
@@ -442,7 +445,8 @@ class WorkerRegistry:
             worker.state = "idle"
             worker.idle_since = trio.current_time()
             self._say(worker, "worker_ready", f"Worker {worker.worker_id} is ready (idle) at {worker.url}",
-                      url=worker.url)
+                      url=worker.url, cute=f"{worker.worker_id} is buzzing and ready! 🐝",
+                      story=f"{worker.worker_id} reported back to the hive: ready for work.")
             self._publish(worker, "ready")
         return worker
 
@@ -460,7 +464,9 @@ class WorkerRegistry:
         worker.stopping = True
         worker.state = "stopping"
         worker.stop_reason = reason
-        self._say(worker, "worker_stop", f"Stopping worker {worker.worker_id}: {reason}")
+        self._say(worker, "worker_stop", f"Stopping worker {worker.worker_id}: {reason}",
+                  cute=f"Time for {worker.worker_id} to rest 💤",
+                  story=f"The hive asked {worker.worker_id} to stop: {reason}.")
         # Said at once (its exit may take seconds): the queen stops giving it jobs now.
         self.events.publish(worker.change("stopping", reason))
         self._nursery.start_soon(self._stop_sequence, worker)

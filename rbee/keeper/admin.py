@@ -2,36 +2,54 @@
 
 Each talks to the running queen, or to an ephemeral one started for the command (the
 node registry lives in ``$RBEE_HOME/nodes.db``, so an ephemeral queen sees the same nodes).
-Results go to stdout (one line per item, tab-separated); errors are one line on stderr.
+Listings never start anything just to say there is nothing: with no queen running,
+``ps`` and ``workers list`` know there are no workers, and ``models list`` (localhost) and
+``setup list-nodes`` read ``models.db`` and ``nodes.db`` themselves, without writing.
+
+What they print: a listing is an aligned table on stdout (``tables.format_table``), or
+with ``--json`` one JSON document (the queen's own answer: ``{"workers": [...]}``,
+``{"node", "models": [...]}``, ``{"nodes": [...]}``); an empty listing prints nothing on
+stdout and one line on stderr saying so. A command that matches nothing (``workers
+shutdown --node N`` with no worker there, ``models rm`` of a model the node lacks) says
+so and exits 1. Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
+import sqlite3
 import time
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import httpx
 import trio
 
 from ..client import QueenUnreachableError, error_from_response, open_http_client
-from ..errors import RbeeError
+from ..errors import ModelNotFoundError, NotFoundError, RbeeError
+from ..hive.catalog import read_entries, read_entry
 from ..lifetime import pid_alive
 from ..narration.events import Event, NarrationEvent
+from ..paths import home_path
+from ..queen.nodes import LOCALHOST, read_nodes, local_hive_command
+from ..requests import parse_reference
 from .output import Output
 from .queen_control import (
     EphemeralQueen,
     api_token,
     find_queen,
     is_healthy,
+    probe,
     queen_url_from_env,
     read_record,
     record_path,
     start_persistent,
 )
+from .tables import ago, ago_iso, format_table, from_now, human_size, json_document, short_path, span
+
+__all__ = ["human_size"]  # ps's tests import it from here, where it was first
 
 
 @contextlib.asynccontextmanager
@@ -43,7 +61,8 @@ async def queen_session(out: Output) -> AsyncIterator[str]:
         return
 
     def show(event: Event) -> None:
-        if isinstance(event, NarrationEvent) and event.level in ("warn", "error"):
+        # The keeper's own line that it starts a queen, and the queen's troubles.
+        if isinstance(event, NarrationEvent) and (event.actor == "rbee-keeper" or event.level in ("warn", "error")):
             out.event(event)
 
     async with trio.open_nursery() as nursery:
@@ -58,19 +77,30 @@ async def queen_session(out: Output) -> AsyncIterator[str]:
 async def call(out: Output, method: str, path: str, **kwargs: Any) -> Any:
     """One JSON call to the queen; raises the envelope's ``RbeeError``."""
     async with queen_session(out) as url:
-        async with open_http_client(url, api_token()) as client:
-            try:
-                response = await client.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                raise QueenUnreachableError(f"queen-rbee at {url} broke the connection ({exc})") from None
+        return await ask(url, method, path, **kwargs)
+
+
+async def ask(url: str, method: str, path: str, **kwargs: Any) -> Any:
+    """One JSON call to the queen at ``url``; raises the envelope's ``RbeeError``."""
+    async with open_http_client(url, api_token()) as client:
+        try:
+            response = await client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise QueenUnreachableError(f"queen-rbee at {url} broke the connection ({exc})") from None
     if response.status_code >= 400:
         raise error_from_response(response)
     return response.json()
 
 
-def _print_rows(rows: list[list[Any]]) -> None:
-    for row in rows:
-        print("\t".join("" if v is None else str(v) for v in row), flush=True)
+def show_listing(out: Output, document: dict[str, Any], table: str | None, empty: str, as_json: bool) -> None:
+    """A listing on stdout: ``document`` as JSON, else ``table``; with no table (nothing
+    listed) the ``empty`` line on stderr instead (stdout stays empty for pipes)."""
+    if as_json:
+        print(json_document(document), flush=True)
+    elif table is None:
+        out.line(empty)
+    else:
+        print(table, flush=True)
 
 
 async def add_node(out: Output, body: dict[str, Any]) -> int:
@@ -83,14 +113,44 @@ async def add_node(out: Output, body: dict[str, Any]) -> int:
     return 0
 
 
-async def list_nodes(out: Output) -> int:
-    """``setup list-nodes``: name, SSH target, hive command."""
-    listing = await call(out, "GET", "/v1/nodes")
-    rows = []
-    for node in listing["nodes"]:
-        target = "(local child process)" if node["ssh_host"] is None else f"{node.get('ssh_user') or ''}@{node['ssh_host']}:{node['ssh_port']}".lstrip("@")
-        rows.append([node["name"], target, node["rbee_hive_command"]])
-    _print_rows(rows)
+NODE_COLUMNS = ("NODE", "SSH", "HIVE COMMAND", "BACKENDS", "ADDED")
+NO_NODES_NOTE = "No nodes added: `rbee-keeper setup add-node NAME --ssh-host HOST` adds one."
+
+
+def node_row(node: dict[str, Any], now_ms: int) -> list[str]:
+    """One node's cells, in ``NODE_COLUMNS`` order."""
+    if node.get("ssh_host") is None:
+        ssh, added = "- (local)", "built in"
+    else:
+        user = f"{node['ssh_user']}@" if node.get("ssh_user") else ""
+        ssh = f"{user}{node['ssh_host']}:{node.get('ssh_port', 22)}"
+        added = ago((now_ms - int(node.get("added_at_ms") or now_ms)) / 1000)
+    backends = (node.get("detect") or {}).get("backends") or []
+    return [str(node["name"]), ssh, str(node.get("rbee_hive_command") or "-"), ", ".join(backends) or "-", added]
+
+
+def format_nodes(nodes: list[dict[str, Any]], now_ms: int | None = None) -> str:
+    """The ``setup list-nodes`` table (localhost first, as the registry lists them)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return format_table([node_row(n, now_ms) for n in nodes], NODE_COLUMNS)
+
+
+async def list_nodes(out: Output, as_json: bool = False) -> int:
+    """``setup list-nodes``: the node registry (the queen's, else ``nodes.db`` read here)."""
+    url = await find_queen()
+    listing = None
+    if url is None:
+        try:
+            listing = {"nodes": [n.public() for n in read_nodes(home_path() / "nodes.db",
+                                                                 local_hive_command=local_hive_command())]}
+        except (sqlite3.Error, OSError):
+            listing = None  # damaged or unreadable: the queen sets it aside and says so
+    if listing is None:
+        listing = await call(out, "GET", "/v1/nodes")
+    nodes = listing["nodes"]
+    show_listing(out, listing, format_nodes(nodes), "", as_json)
+    if not as_json and all(n.get("ssh_host") is None for n in nodes):
+        out.line(NO_NODES_NOTE)
     return 0
 
 
@@ -101,49 +161,14 @@ async def remove_node(out: Output, name: str) -> int:
     return 0
 
 
-async def list_workers(out: Output, *, health: bool = False) -> int:
-    """``workers list`` / ``workers health``: the queen's workers (its scheduler's records)."""
-    listing = await call(out, "GET", "/v1/workers")
-    workers = listing["workers"]
-    if not workers:
-        out.line("No workers (hives start them on demand: run `rbee-keeper infer`).")
-    rows = [[w.get("node"), w.get("worker_id"), w.get("state"), w.get("model_ref"), w.get("url")] for w in workers]
-    _print_rows(rows)
-    if health:
-        # The queen's scheduler states: spawning -> ready <-> busy (a gone worker is not listed).
-        return 0 if all(w.get("state") in ("spawning", "ready", "busy") for w in workers) else 1
-    return 0
-
-
 PS_COLUMNS = ("NODE", "MODEL", "BACKEND", "SLOTS", "MEMORY", "UNTIL", "WORKER")
-#: Between two columns: wider than one space, because cells hold spaces ("547 MiB").
-PS_GAP = "   "
+NO_WORKERS_NOTE = "No workers running (hives start them on demand: `rbee-keeper infer` loads one)."
 NO_QUEEN_NOTE = (
-    "No queen-rbee is running, so no worker is loaded "
+    "No workers running: no queen-rbee runs "
     "(`rbee-keeper queen start` keeps one, and its workers, up between commands)."
 )
-
-
-def human_size(size: int | float | None) -> str:
-    """``547 MiB``, ``1.5 GiB`` (binary units); ``-`` when unknown (None or 0)."""
-    if not size or size < 0:
-        return "-"
-    if size >= 1 << 30:
-        return f"{size / (1 << 30):.1f} GiB"
-    if size >= 1 << 20:
-        return f"{size / (1 << 20):.0f} MiB"
-    return f"{max(1, round(size / 1024))} KiB"
-
-
-def _from_now(seconds: float) -> str:
-    if seconds < 1:
-        return "less than a second from now"
-    for unit, size, about in (("day", 86400, "a day"), ("hour", 3600, "an hour"), ("minute", 60, "a minute")):
-        if seconds >= size:
-            count = int(seconds // size)
-            return f"about {about} from now" if count == 1 else f"{count} {unit}s from now"
-    count = int(seconds)
-    return f"{count} second{'s' if count != 1 else ''} from now"
+#: The queen's scheduler states of a worker that is fine (a gone worker is not listed).
+HEALTHY_STATES = ("spawning", "ready", "busy")
 
 
 def _slots(worker: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -179,7 +204,7 @@ def ps_until(worker: dict[str, Any]) -> str:
         return "in use"
     unload_in_s = worker.get("unload_in_s")
     if isinstance(unload_in_s, (int, float)) and not isinstance(unload_in_s, bool):
-        return _from_now(float(unload_in_s))
+        return from_now(float(unload_in_s))
     return "Forever"
 
 
@@ -198,81 +223,184 @@ def ps_row(worker: dict[str, Any]) -> list[str]:
 
 
 def format_ps(workers: list[dict[str, Any]]) -> str:
-    """The ``ps`` table: a header and one row per worker (by node, model, worker id),
-    columns left-aligned and ``PS_GAP`` apart, no trailing spaces, no final newline.
+    """The ``ps`` table: a header and one row per worker (by node, model, worker id).
 
     No ``now`` is needed: the queen answers ``unload_in_s`` relative to its answer."""
-    rows = [list(PS_COLUMNS)] + [
-        ps_row(w) for w in sorted(workers, key=lambda w: (str(w.get("node")), str(w.get("model") or w.get("model_ref")), str(w.get("worker_id"))))
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(PS_COLUMNS))]
-    lines = [PS_GAP.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+    order = sorted(workers, key=lambda w: (str(w.get("node")), str(w.get("model") or w.get("model_ref")),
+                                           str(w.get("worker_id"))))
+    return format_table([ps_row(w) for w in order], PS_COLUMNS)
 
 
-async def ps(out: Output) -> int:
-    """``ps``: the loaded workers, one row per worker, like ``ollama ps`` (stdout).
+async def ps(out: Output, as_json: bool = False, *, health: bool = False) -> int:
+    """``ps`` (and its alias ``workers list``): the loaded workers, one row per worker,
+    like ``ollama ps``; ``--json``: the queen's ``{"workers": [...]}``.
 
     Only a queen that already runs is asked (``RBEE_QUEEN_URL``, then the persistent
     one): an ephemeral queen started for the question would have no workers. With no
-    queen running it prints ``NO_QUEEN_NOTE`` (one line, on stderr) and exits 0, as
-    ``workers list`` does when there is no worker: nothing loaded is not an error. A queen
-    that answers with an error, or breaks the connection, is one error line and exit 1.
-    See ``ps_until`` for the UNTIL column.
+    queen, or no worker, one line on stderr says so and the exit is 0: nothing loaded is
+    not an error. A queen that answers with an error, or breaks the connection, is one
+    error line and exit 1. ``health`` (``workers health``): exit 1 when a worker is in a
+    state that is not fine. See ``ps_until`` for the UNTIL column.
     """
     url = await find_queen()
-    if url is None:
-        out.line(NO_QUEEN_NOTE)
-        return 0
-    async with open_http_client(url, api_token()) as client:
-        try:
-            response = await client.get("/v1/workers")
-        except httpx.TransportError as exc:
-            raise QueenUnreachableError(f"queen-rbee at {url} broke the connection ({exc})") from None
-    if response.status_code >= 400:
-        raise error_from_response(response)
-    print(format_ps(response.json()["workers"]), flush=True)
+    workers = [] if url is None else (await ask(url, "GET", "/v1/workers"))["workers"]
+    show_listing(out, {"workers": workers}, format_ps(workers) if workers else None,
+                 NO_QUEEN_NOTE if url is None else NO_WORKERS_NOTE, as_json)
+    if health and not all(w.get("state") in HEALTHY_STATES for w in workers):
+        return 1
     return 0
 
 
-async def workers_health(out: Output) -> int:
-    """``workers health``: like ``workers list``; exit 1 when a worker is in error."""
-    return await list_workers(out, health=True)
+async def list_workers(out: Output, as_json: bool = False) -> int:
+    """``workers list``: ``ps`` under its older name (the same output)."""
+    return await ps(out, as_json)
+
+
+async def workers_health(out: Output, as_json: bool = False) -> int:
+    """``workers health``: ``ps``; exit 1 when a worker is in a state that is not fine."""
+    return await ps(out, as_json, health=True)
 
 
 async def shutdown_workers(out: Output, node: str | None, worker_id: str | None) -> int:
-    """``workers shutdown [--node N] [--worker-id W]``."""
-    result = await call(out, "POST", "/v1/workers/shutdown", json={"node": node, "worker_id": worker_id})
-    for item in result["stopped"]:
+    """``workers shutdown [--node N] [--worker-id W]``: exit 1 with one line when nothing
+    matched (no such node, no worker there, no queen running at all)."""
+    url = await find_queen()
+    if url is None:
+        if node is not None and node != LOCALHOST:
+            unknown = _unknown_stored_node(node)
+            if unknown is not None:
+                raise NotFoundError(unknown)
+        where = f" on node {node}" if node else ""
+        raise NotFoundError(f"no workers running{where}: no queen-rbee runs, so there is nothing to shut down")
+    result = await ask(url, "POST", "/v1/workers/shutdown", json={"node": node, "worker_id": worker_id})
+    stopped = result["stopped"]
+    if not stopped:
+        where = f" on node {node}" if node else ""
+        raise NotFoundError(f"no workers running{where}: nothing to shut down (`rbee-keeper ps` lists the workers)")
+    for item in stopped:
         out.narrate("worker_shutdown", f"Worker {item['worker_id']} on {item['node']} is shutting down")
     return 0
 
 
-async def list_models(out: Output, node: str) -> int:
-    """``models list --node N``: the hive's model catalog."""
-    listing = await call(out, "GET", f"/v1/nodes/{node}/models")
-    for model in listing.get("models", []):
-        if isinstance(model, dict):
-            _print_rows([[model.get("reference") or model.get("ref") or model.get("model_ref"), model.get("size") or model.get("size_bytes"), model.get("local_path") or model.get("path")]])
-        else:
-            _print_rows([[model]])
+def _unknown_stored_node(name: str) -> str | None:
+    """Why ``name`` is no node, from ``nodes.db`` read here (None: it is one, or the
+    registry cannot be read and nobody can say)."""
+    try:
+        names = [n.name for n in read_nodes(home_path() / "nodes.db")]
+    except (sqlite3.Error, OSError):
+        return None
+    if name in names:
+        return None
+    return (f"no node named {name!r}; add it with `rbee-keeper setup add-node {name} --ssh-host HOST`"
+            " or use --node localhost")
+
+
+MODEL_COLUMNS = ("MODEL", "SIZE", "SHA256", "ADDED", "LAST USED", "PATH")
+
+
+def model_row(entry: dict[str, Any], now: datetime) -> list[str]:
+    """One catalog entry's cells, in ``MODEL_COLUMNS`` order."""
+    sha = str(entry.get("sha256") or "")
+    return [
+        str(entry.get("reference") or "-"), human_size(entry.get("size")), sha[:12] or "-",
+        ago_iso(entry.get("downloaded_at"), now, never="-"), ago_iso(entry.get("last_used"), now),
+        short_path(entry.get("local_path")),
+    ]
+
+
+def format_models(models: list[dict[str, Any]], now: datetime | None = None) -> str:
+    """The ``models list`` table, by reference."""
+    now = now or datetime.now(timezone.utc)
+    order = sorted(models, key=lambda m: str(m.get("reference")))
+    return format_table([model_row(m, now) for m in order], MODEL_COLUMNS)
+
+
+def no_models_note(node: str) -> str:
+    """What ``models list`` says of a node without models."""
+    return (f"No models on {node} (`rbee-keeper models download gemma3-270m --node {node}` adds one; "
+            "`infer` fetches a model on first use too).")
+
+
+def _local_catalog() -> list[dict[str, Any]] | None:
+    """localhost's catalog read here (no queen, no hive); None when it cannot be read."""
+    try:
+        return [e.public() for e in read_entries(home_path() / "models.db")]
+    except (sqlite3.Error, OSError):
+        return None  # damaged or unreadable: a hive sets it aside, rebuilds it and says so
+
+
+async def list_models(out: Output, node: str, as_json: bool = False) -> int:
+    """``models list --node N``: the node's catalog; ``--json``: ``{"node", "models"}``.
+
+    With no queen running, localhost's catalog is read here (``models.db``, without
+    writing): a listing starts no queen and no hive (about 2.7 s before, on 2 cores)."""
+    listing = None
+    if await find_queen() is None:
+        if node == LOCALHOST:
+            models = _local_catalog()
+            listing = None if models is None else {"node": LOCALHOST, "models": models}
+        elif (unknown := _unknown_stored_node(node)) is not None:
+            raise NotFoundError(unknown)  # said from nodes.db: no queen started to say it
+    if listing is None:
+        listing = await call(out, "GET", f"/v1/nodes/{node}/models")
+    models = [m for m in listing.get("models", []) if isinstance(m, dict)]
+    show_listing(out, {"node": listing.get("node", node), "models": models},
+                 format_models(models) if models else None, no_models_note(node), as_json)
+    return 0
+
+
+async def remove_model(out: Output, model: str, node: str) -> int:
+    """``models rm REF --node N``: the node's hive forgets the model and deletes its file
+    when rbee put it there (``DELETE /v1/nodes/{node}/models?model=REF``); 404 and 409 are
+    one error line, exit 1. With no queen running, a model localhost's catalog lacks is
+    said at once, starting nothing."""
+    if await find_queen() is None:
+        if node == LOCALHOST:
+            reference = parse_reference(model).reference  # a malformed one is refused here
+            try:
+                present = read_entry(home_path() / "models.db", reference) is not None
+            except (sqlite3.Error, OSError):
+                present = True  # the hive will know
+            if not present:
+                raise ModelNotFoundError(f"no model {reference} on {node} (`rbee-keeper models list` lists them)")
+        elif (unknown := _unknown_stored_node(node)) is not None:
+            raise NotFoundError(unknown)
+    answer = await call(out, "DELETE", f"/v1/nodes/{node}/models", params={"model": model})
+    where = short_path(answer.get("local_path"))
+    if answer.get("file_deleted"):
+        done = f"its file {where} is deleted ({human_size(answer.get('size'))} freed)"
+    else:
+        done = f"its file {where} is not rbee's and stays"
+    out.narrate("model_remove", f"Removed {answer.get('reference', model)} from {node}: {done}",
+                target=str(answer.get("reference", model)), node=node)
     return 0
 
 
 # -- the persistent queen -----------------------------------------------------------------
 
 
-def queen_start(out: Output, port: int | None, host: str) -> int:
-    """``queen start``: a detached queen; its URL and PID are recorded under RBEE_HOME."""
+async def queen_start(out: Output, port: int | None, host: str) -> int:
+    """``queen start``: a detached queen; its URL and PID are recorded under RBEE_HOME.
+
+    A queen that already answers (the recorded one, or one at the URL) is said, exit 0;
+    a port taken by anything else is one line naming the port and ``--port``, exit 1."""
     record = read_record()
     if record and pid_alive(int(record.get("pid", 0))):
         out.line(f"queen-rbee already runs at {record['url']} (pid {record['pid']})")
         return 0
     if port is None:
         port = int(queen_url_from_env().rsplit(":", 1)[1])
-    record = start_persistent(port, host)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "localhost") else host
+    try:
+        running = await probe(f"http://{shown}:{port}")
+    except RbeeError:
+        running = None  # something else is there: start_persistent names the port
+    if running is not None:
+        out.line(f"queen-rbee already runs at http://{shown}:{port} (pid {running.get('pid')}, not started by "
+                 "`rbee-keeper queen start`: `queen stop` cannot stop it)")
+        return 0
+    record = await trio.to_thread.run_sync(start_persistent, port, host)
     out.narrate("queen_start", f"queen-rbee runs at {record['url']} (pid {record['pid']})")
-    print(json.dumps(record), flush=True)
     return 0
 
 
@@ -302,15 +430,47 @@ def queen_stop(out: Output) -> int:
     return 0
 
 
-async def queen_status(out: Output) -> int:
-    """``queen status``: exit 0 and print URL/PID when a queen answers, else 1."""
+async def queen_status(out: Output, as_json: bool = False) -> int:
+    """``queen status``: the queen alone (the one the other commands would use), as
+    ``KEY   value`` lines, or ``--json``; exit 0 when one runs, else 1.
+
+    Something at ``RBEE_QUEEN_URL`` that is not a queen is an error naming the URL."""
+    url = queen_url_from_env()
+    health = await probe(url)
     record = read_record()
-    for url, pid in ((queen_url_from_env(), None), ((record or {}).get("url"), (record or {}).get("pid"))):
-        if url and await is_healthy(url):
-            print(json.dumps({"url": url, "pid": pid, "running": True}), flush=True)
-            return 0
-    print(json.dumps({"url": queen_url_from_env(), "running": False}), flush=True)
-    return 1
+    if health is None and record and pid_alive(int(record.get("pid", 0))) and await is_healthy(record["url"]):
+        url = str(record["url"])
+        health = await probe(url)
+    if health is None:
+        if as_json:
+            print(json_document({"running": False, "url": url}), flush=True)
+        else:
+            print(f"queen-rbee is not running (nothing answers at {url}; `rbee-keeper queen start` starts one)",
+                  flush=True)
+        return 1
+    recorded = bool(record and record.get("url") == url and record.get("pid") == health.get("pid"))
+    document = {
+        "running": True, "url": url, "pid": health.get("pid"), "version": health.get("version"),
+        "uptime_s": health.get("uptime_s"), "jobs": health.get("jobs"), "hives": health.get("hives", []),
+        "recorded": recorded,
+    }
+    if as_json:
+        print(json_document(document), flush=True)
+        return 0
+    started = ("started by `rbee-keeper queen start`: `queen stop` stops it" if recorded
+               else "not started by `rbee-keeper queen start`: `queen stop` cannot stop it")
+    uptime = health.get("uptime_s")
+    rows = [
+        ["STATUS", "running"],
+        ["URL", url],
+        ["PID", f"{health.get('pid')} ({started})"],
+        ["VERSION", str(health.get("version"))],
+        ["UPTIME", span(float(uptime)) if isinstance(uptime, (int, float)) else "-"],
+        ["JOBS", str(health.get("jobs", "-"))],
+        ["HIVES", ", ".join(health.get("hives") or []) or "none running"],
+    ]
+    print(format_table(rows), flush=True)
+    return 0
 
 
 def one_line(exc: RbeeError) -> str:

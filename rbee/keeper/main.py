@@ -1,4 +1,5 @@
-"""Entry point of `rbee-keeper`, the user's CLI (cyclopts).
+"""The commands of `rbee-keeper`, the user's CLI (cyclopts). The console script is
+``entry.py``: it handles Ctrl-C and ``--version`` before this module is imported.
 
 Exit codes: 0 ok, 1 the job (or command) failed, 2 bad usage, 130 Ctrl-C.
 Every error is one line on stderr naming the cause and the fix, never a traceback.
@@ -14,9 +15,10 @@ from typing import Annotated, Any, Callable, Literal
 
 import cyclopts
 
+from .. import __version__
 from ..errors import InvalidRequestError, NotFoundError, RbeeError, StateError, single_cause
-from ..requests import parse_infer_request
 from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_USAGE
+from .help_text import request_default, use_plain_help
 
 
 class _Deferred:
@@ -50,13 +52,34 @@ async def run_job(request: dict[str, Any], out: Any) -> int:
 
 NarrationMode = Literal["human", "cute", "story", "json", "quiet"]
 
-app = cyclopts.App(name="rbee-keeper", help="Drive an rbee cluster from one shell.")
+# Plain-text help: markdown would import markdown-it (~65 ms of a --help that should take
+# well under 0.3 s); so the docstrings here are plain text, no ``code`` markup. The
+# version is the package's own (rbee/__init__.py), as entry.py prints it for --version.
+app = cyclopts.App(
+    name="rbee-keeper", help="Drive an rbee cluster from one shell.", version=__version__, help_format="plaintext",
+)
 queen_app = cyclopts.App(name="queen", help="Run a persistent queen-rbee.")
 setup_app = cyclopts.App(name="setup", help="The node registry.")
 workers_app = cyclopts.App(name="workers", help="Workers on the running hives.")
 models_app = cyclopts.App(name="models", help="Models on a node.")
 for sub in (queen_app, setup_app, workers_app, models_app):
     app.command(sub)
+
+
+def _shown(default: str) -> cyclopts.Parameter:
+    """The help's ``[default: ...]`` of an option whose absence means ``default``."""
+    return cyclopts.Parameter(show_default=default)
+
+
+def _request(field: str) -> cyclopts.Parameter:
+    """An option left out of the request when absent: the help shows the request's default."""
+    return cyclopts.Parameter(show_default=request_default(field))
+
+
+#: ``--stop``: one sequence per flag, repeated for more (``--stop x --stop y``); the help
+#: says ``--stop TEXT``, not cyclopts' ``STR...`` (``--stop x y`` is refused: ``y`` is
+#: left over), and there is no ``--empty-stop``. A sequence may start with a hyphen.
+STOP = cyclopts.Parameter(metavar="TEXT", negative="", allow_leading_hyphen=True, show_default="none")
 
 
 def _run(fn: Callable[..., Any], *args: Any, mode: str = "human") -> int:
@@ -80,20 +103,20 @@ def _run(fn: Callable[..., Any], *args: Any, mode: str = "human") -> int:
 @app.command
 def infer(
     *,
-    node: str | None = None,
+    node: Annotated[str | None, _shown("the queen places the job")] = None,
     model: str,
-    prompt: Annotated[str | None, cyclopts.Parameter(allow_leading_hyphen=True)] = None,
+    prompt: Annotated[str | None, cyclopts.Parameter(allow_leading_hyphen=True, show_default="stdin, if not a terminal")] = None,
     chat: bool = False,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repeat_penalty: float | None = None,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    backend: str | None = None,
-    device: int | None = None,
+    max_tokens: Annotated[int | None, _request("max_tokens")] = None,
+    temperature: Annotated[float | None, _request("temperature")] = None,
+    top_p: Annotated[float | None, _request("top_p")] = None,
+    top_k: Annotated[int | None, _request("top_k")] = None,
+    min_p: Annotated[float | None, _request("min_p")] = None,
+    repeat_penalty: Annotated[float | None, _request("repeat_penalty")] = None,
+    seed: Annotated[int | None, _shown("random")] = None,
+    stop: Annotated[list[str] | None, STOP] = None,
+    backend: Annotated[str | None, _shown("the node's best")] = None,
+    device: Annotated[int | None, _shown("0")] = None,
     narration: NarrationMode = "human",
 ) -> int:
     """Generate text on a node: tokens to stdout, narration to stderr.
@@ -101,34 +124,34 @@ def infer(
     Parameters
     ----------
     node
-        The node to run on (``localhost``, or one added with ``setup add-node``);
-        absent: the queen places the job.
+        The node to run on (``localhost``, or one added with ``setup add-node``).
     model
         Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``
         (a file under ``$RBEE_HOME/models``, the Hugging Face cache or a folder in ``RBEE_MODEL_DIRS``).
     prompt
-        The prompt text; ``-`` reads it from stdin (all of it, UTF-8). Absent: read from
-        stdin when stdin is not a terminal (``echo hi | rbee-keeper infer ...``).
+        The prompt text; ``-`` reads it from stdin (all of it, UTF-8), and so does leaving
+        it out when stdin is not a terminal (``echo hi | rbee-keeper infer ...``).
     chat
         Wrap the prompt in the model's chat template, as one user message.
     max_tokens
-        Stop after this many tokens (absent: the request default, docs/requests.md).
+        Stop after this many tokens.
     temperature
-        Sampling temperature (0 = greedy).
+        Sampling temperature; 0 is greedy (always the most likely token).
     top_p
-        Nucleus sampling threshold.
+        Nucleus sampling: keep the most likely tokens up to this total probability.
     top_k
-        Sample from the k most likely tokens.
+        Sample from the k most likely tokens; 0 is off.
     min_p
-        Minimum probability relative to the most likely token.
+        Drop tokens less likely than this fraction of the most likely one; 0 is off.
     repeat_penalty
-        Penalty for repeated tokens.
+        Penalty for repeating recent tokens; 1.0 is off.
     seed
         Random seed, for repeatable output.
     stop
-        Stop sequences.
+        A stop sequence: generation stops where it would appear (not printed). Repeat the
+        flag for more: ``--stop "User:" --stop "###"``.
     backend
-        cpu, cuda or metal (default: the node's best).
+        cpu, cuda or metal.
     device
         Device index for the backend.
     narration
@@ -150,7 +173,9 @@ def infer(
     }
     request.update({k: v for k, v in optional.items() if v is not None})
     # Refuse a bad request before anything is started or contacted (absent fields are
-    # left out: the queen applies the same defaults).
+    # left out: the queen applies the same defaults). Imported here: --help need not.
+    from ..requests import parse_infer_request
+
     try:
         parse_infer_request(request)
     except InvalidRequestError as exc:
@@ -174,12 +199,12 @@ def infer(
 def chat(
     *,
     model: str,
-    node: str | None = None,
-    system: str | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    seed: int | None = None,
-    narration: NarrationMode | None = None,
+    node: Annotated[str | None, _shown("the queen places each turn")] = None,
+    system: Annotated[str | None, _shown("none")] = None,
+    max_tokens: Annotated[int | None, _request("max_tokens")] = None,
+    temperature: Annotated[float | None, _request("temperature")] = None,
+    seed: Annotated[int | None, _shown("random")] = None,
+    narration: Annotated[NarrationMode | None, _shown("human for the first turn, then quiet")] = None,
 ) -> int:
     """Chat with a model, turn after turn (like `ollama run`): answers to stdout.
 
@@ -195,22 +220,24 @@ def chat(
         Model reference: ``gemma3-270m``, ``hf:org/repo[:QUANT]``, ``file:/abs/path.gguf``
         (a file under ``$RBEE_HOME/models``, the Hugging Face cache or a folder in ``RBEE_MODEL_DIRS``).
     node
-        The node to run on; absent: the queen places each turn.
+        The node to run on (``localhost``, or one added with ``setup add-node``).
     system
         A system message that opens the conversation.
     max_tokens
-        Stop each answer after this many tokens (absent: the request default).
+        Stop each answer after this many tokens.
     temperature
-        Sampling temperature (0 = greedy).
+        Sampling temperature; 0 is greedy (always the most likely token).
     seed
         Random seed, for repeatable answers.
     narration
-        How narration is shown on stderr (absent: human for the first turn, then quiet).
+        How narration is shown on stderr (given: for every turn).
     """
     base: dict[str, Any] = {"operation": "infer", "model": model}
     optional = {"node": node, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     base.update({k: v for k, v in optional.items() if v is not None})
     # Refuse a bad request before anything is started: checked with a stand-in question.
+    from ..requests import parse_infer_request
+
     probe = [{"role": "system", "content": system}] if system is not None else []
     try:
         parse_infer_request({**base, "messages": [*probe, {"role": "user", "content": "hi"}]})
@@ -287,9 +314,7 @@ def _unknown_node(name: str) -> str | None:
         missing = exc.message
     except (OSError, sqlite3.Error, StateError):
         return None  # an unreadable registry, or none to be had: the queen (or _unusable_home) says so
-    from .queen_control import find_queen
-
-    return None if trio.run(find_queen) is not None else missing
+    return _unless_a_queen_runs(missing)
 
 
 def _unusable_home() -> str | None:
@@ -303,17 +328,39 @@ def _unusable_home() -> str | None:
         return None
     except StateError as exc:
         problem = exc.message
+    return _unless_a_queen_runs(problem)
+
+
+def _unless_a_queen_runs(problem: str) -> str | None:
+    """``problem``, unless a queen runs (it decides then). Something at RBEE_QUEEN_URL
+    that is not a queen is the problem instead: its one line, naming the URL."""
     from .queen_control import find_queen
 
-    return None if trio.run(find_queen) is not None else problem
+    try:
+        return None if trio.run(find_queen) is not None else problem
+    except RbeeError as exc:
+        return exc.message
 
 
 # -- queen --------------------------------------------------------------------------------
 
 
 @queen_app.command(name="start")
-def queen_start(*, port: int | None = None, host: str = "127.0.0.1") -> int:
-    """Start a persistent queen-rbee (default port: the one of RBEE_QUEEN_URL, 8080)."""
+def queen_start(
+    *,
+    port: Annotated[int | None, _shown("the port of RBEE_QUEEN_URL, else 8080")] = None,
+    host: str = "127.0.0.1",
+) -> int:
+    """Start a persistent queen-rbee, detached: it outlives this shell until ``queen stop``.
+
+    Parameters
+    ----------
+    port
+        The port the queen listens on.
+    host
+        The address the queen listens on (``0.0.0.0``: every interface; then set
+        ``RBEE_API_TOKEN``, as anyone who reaches the port can use the cluster).
+    """
     return _run(admin.queen_start, port, host)
 
 
@@ -323,10 +370,15 @@ def queen_stop() -> int:
     return _run(admin.queen_stop)
 
 
+#: --json on every listing: one JSON document on stdout instead of the table, for programs.
+JSON_FLAG = cyclopts.Parameter(name="--json", negative="", help="Print one JSON document instead of the table.")
+
+
 @queen_app.command(name="status")
-def queen_status() -> int:
-    """Print whether a queen-rbee answers (exit 0) or not (exit 1)."""
-    return _run(admin.queen_status)
+def queen_status(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
+    """Show the queen the other commands would use: URL, PID, version, uptime (exit 0), or
+    that none runs (exit 1). Anything else answering at RBEE_QUEEN_URL is an error."""
+    return _run(admin.queen_status, as_json)
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -338,8 +390,8 @@ def add_node(
     *,
     ssh_host: str,
     ssh_port: int = 22,
-    ssh_user: str | None = None,
-    ssh_key: Path | None = None,
+    ssh_user: Annotated[str | None, _shown("your user name")] = None,
+    ssh_key: Annotated[Path | None, _shown("your SSH agent and ~/.ssh keys")] = None,
     rbee_hive_command: str = "rbee-hive",
     hive_port: int = 0,
 ) -> int:
@@ -354,9 +406,9 @@ def add_node(
     ssh_port
         SSH port.
     ssh_user
-        SSH user (default: yours).
+        SSH user.
     ssh_key
-        Private key file (default: your agent and ~/.ssh keys).
+        Private key file.
     rbee_hive_command
         The command that runs rbee-hive on the node (a full path, possibly after ``env VAR=...``).
     hive_port
@@ -367,18 +419,30 @@ def add_node(
         "ssh_key": str(ssh_key.expanduser().resolve()) if ssh_key else None,
         "rbee_hive_command": rbee_hive_command, "hive_port": hive_port,
     }
+    from ..queen.nodes import LOCALHOST, LOCALHOST_RESERVED
+
+    if name == LOCALHOST:  # said before any queen is contacted or started
+        return _refuse(LOCALHOST_RESERVED, EXIT_USAGE)
     return _run(admin.add_node, body)
 
 
 @setup_app.command(name="list-nodes")
-def list_nodes() -> int:
-    """List the nodes (name, SSH target, hive command)."""
-    return _run(admin.list_nodes)
+def list_nodes(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
+    """List the nodes: name, SSH target, hive command, backends, when added.
+
+    With no queen running it reads the node registry itself and starts nothing."""
+    return _run(admin.list_nodes, as_json)
 
 
 @setup_app.command(name="remove-node")
 def remove_node(name: str) -> int:
-    """Forget a node."""
+    """Forget a node added with setup add-node.
+
+    Parameters
+    ----------
+    name
+        The node's name, as ``setup list-nodes`` shows it.
+    """
     return _run(admin.remove_node, name)
 
 
@@ -386,40 +450,77 @@ def remove_node(name: str) -> int:
 
 
 @workers_app.command(name="list")
-def workers_list() -> int:
-    """List the workers of every running hive."""
-    return _run(admin.list_workers)
+def workers_list(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
+    """The loaded workers: the same as rbee-keeper ps."""
+    return _run(admin.list_workers, as_json)
 
 
 @workers_app.command(name="health")
-def workers_health() -> int:
-    """Like list; exit 1 if a worker is in error."""
-    return _run(admin.workers_health)
+def workers_health(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
+    """Like ps; exit 1 if a worker is in error."""
+    return _run(admin.workers_health, as_json)
 
 
 @workers_app.command(name="shutdown")
-def workers_shutdown(*, node: str | None = None, worker_id: str | None = None) -> int:
-    """Shut workers down (all, one node's, or one)."""
+def workers_shutdown(
+    *,
+    node: Annotated[str | None, _shown("every node")] = None,
+    worker_id: Annotated[str | None, _shown("every worker")] = None,
+) -> int:
+    """Shut workers down (all, one node's, or one).
+
+    Parameters
+    ----------
+    node
+        Only the workers on this node.
+    worker_id
+        Only this worker (its id, as ``ps`` shows it).
+    """
     return _run(admin.shutdown_workers, node, worker_id)
 
 
 @app.command(name="ps")
-def ps() -> int:
+def ps(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
     """Show the loaded workers, one row per worker (like `ollama ps`).
 
     UNTIL says when an idle worker will be unloaded; "in use" while a slot is busy,
-    "Forever" when its hive never unloads. With no queen running: a note, exit 0.
+    "Forever" when its hive never unloads. No worker, or no queen running: a note on
+    stderr, exit 0 (and nothing is started).
     """
-    return _run(admin.ps)
+    return _run(admin.ps, as_json)
 
 
 # -- models -------------------------------------------------------------------------------
 
 
 @models_app.command(name="list")
-def models_list(*, node: str = "localhost") -> int:
-    """List the models on a node."""
-    return _run(admin.list_models, node)
+def models_list(*, node: str = "localhost", as_json: Annotated[bool, JSON_FLAG] = False) -> int:
+    """List the models on a node: size, sha256, when added and last used, where.
+
+    With no queen running, localhost's catalog is read here: nothing is started.
+
+    Parameters
+    ----------
+    node
+        The node whose models to list.
+    """
+    return _run(admin.list_models, node, as_json)
+
+
+@models_app.command(name="rm")
+def models_rm(model: str, *, node: str = "localhost") -> int:
+    """Remove a model from a node: its catalog entry, and its file when rbee downloaded
+    or assembled it (a file: model's file is yours and stays). Refused while a worker
+    has the model loaded (rbee-keeper workers shutdown first).
+
+    Parameters
+    ----------
+    model
+        The model, as models list shows it or as you asked for it (hf:org/repo, gemma3-270m ...).
+    node
+        The node to remove it from.
+    """
+    return _run(admin.remove_model, model, node)
 
 
 @models_app.command(name="download")
@@ -438,14 +539,47 @@ def models_download(model: str, *, node: str = "localhost", narration: Narration
     return trio.run(run_job, {"operation": "download", "node": node, "model": model}, Output(narration))
 
 
+# -- shell completion ---------------------------------------------------------------------
+
+
+@app.command(name="completion")
+def completion(shell: Literal["bash", "zsh", "fish"], *, install: bool = False) -> int:
+    """Print the shell completion script of rbee-keeper (commands, options, choices).
+
+    Load it in your shell's startup file, or let --install put it where the shell looks.
+
+    Parameters
+    ----------
+    shell
+        The shell to complete in.
+    install
+        Write it where the shell loads it from (and the line that loads it into ~/.bashrc
+        or ~/.zshrc) instead of printing it.
+    """
+    if not install:
+        sys.stdout.write(app.generate_completion(prog_name="rbee-keeper", shell=shell))
+        return 0
+    try:
+        path = app.install_completion(shell=shell)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _refuse(f"cannot install the {shell} completion: {exc.strerror or exc}{where}; "
+                       f"print it with `rbee-keeper completion {shell}` and save it where your shell reads it",
+                       EXIT_JOB_FAILED)
+    print(f"Installed the {shell} completion of rbee-keeper in {path}; it loads in new shells")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `rbee-keeper`; returns the process exit code."""
     tokens = sys.argv[1:] if argv is None else argv
+    use_plain_help(app)
     try:
         result = app(tokens, exit_on_error=False, result_action="return_value")
     except cyclopts.CycloptsError:
         return EXIT_USAGE  # cyclopts has printed what was wrong
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # only where entry.py's handler is not installed (a test's main())
+        sys.stderr.write("Cancelled.\n")
         return EXIT_CANCELLED
     return result if isinstance(result, int) else 0
 

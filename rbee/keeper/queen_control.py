@@ -1,7 +1,8 @@
 """Find a queen, or start one: ephemeral (a child for one command) or persistent.
 
-Lookup order: ``RBEE_QUEEN_URL`` (default ``http://127.0.0.1:8080``) if it answers
-``/health``; else the persistent queen recorded in ``$RBEE_HOME/queen.json`` by
+Lookup order: ``RBEE_QUEEN_URL`` (default ``http://127.0.0.1:8080``) if a queen answers
+``/health`` there (``"service": "queen-rbee"``; anything else answering is an error naming
+the URL, ``probe``); else the persistent queen recorded in ``$RBEE_HOME/queen.json`` by
 ``rbee-keeper queen start`` if it is alive; else none, and the command starts an
 ephemeral queen (``queen-rbee --port 0`` as our child, in its own process group, dying
 with us through PR_SET_PDEATHSIG) and shuts it down (with its hives and workers) at the end.
@@ -13,19 +14,21 @@ goes to ``$RBEE_HOME/logs/queen.log`` so that library noise never mixes with nar
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 import httpx
 import trio
 
-from ..errors import QueenStartError
+from ..errors import NotAQueenError, QueenStartError
 from ..http_client import async_client
 from ..lifetime import ChildProcess, pid_alive
 from ..narration import jsonlines
@@ -81,27 +84,63 @@ def read_record() -> dict | None:
         return None
 
 
-async def is_healthy(url: str) -> bool:
-    """True if a queen answers ``GET /health`` at ``url`` quickly."""
+#: The ``service`` of a queen's ``/health``: what tells it from any other server.
+QUEEN_SERVICE = "queen-rbee"
+
+
+async def probe(url: str) -> dict[str, Any] | None:
+    """The ``/health`` of the queen at ``url`` (``{status, service, version, pid,
+    uptime_s, jobs, hives}``), or None when nothing answers there within
+    ``HEALTH_PROBE_S``. ``NotAQueenError`` naming the URL when something answers that is
+    not queen-rbee (another web server on the port: its HTML is never shown)."""
     with trio.move_on_after(HEALTH_PROBE_S):
         try:
             async with async_client(url) as client:
                 response = await client.get(f"{url}/health")
-            return response.status_code == 200
         except httpx.TransportError:
-            return False
-    return False
+            return None
+        try:
+            health = response.json()
+        except ValueError:
+            health = None
+        if response.status_code == 200 and isinstance(health, dict) and health.get("service") == QUEEN_SERVICE:
+            return health
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        raise NotAQueenError(
+            f"{url} is not queen-rbee: GET /health answered {response.status_code} ({kind}) without "
+            f'"service": "{QUEEN_SERVICE}"; point RBEE_QUEEN_URL at your queen (unset: {DEFAULT_QUEEN_URL}), '
+            "or stop what listens there")
+    return None
+
+
+async def is_healthy(url: str) -> bool:
+    """True if a queen answers ``GET /health`` at ``url`` quickly (anything else: False)."""
+    try:
+        return await probe(url) is not None
+    except NotAQueenError:
+        return False
 
 
 async def find_queen() -> str | None:
-    """The URL of a running queen, or None (see the module doc for the order)."""
+    """The URL of a running queen, or None (see the module doc for the order).
+
+    Something at ``RBEE_QUEEN_URL`` that is not a queen is ``NotAQueenError``: the user
+    pointed us there (or left the default port to another server), and a job must not go
+    to it, nor a second queen start beside it unsaid. A recorded queen whose URL now
+    answers otherwise is a stale record, and skipped."""
     url = queen_url_from_env()
-    if await is_healthy(url):
+    if await probe(url) is not None:
         return url
     record = read_record()
     if record and pid_alive(int(record.get("pid", 0))) and await is_healthy(record["url"]):
         return str(record["url"])
     return None
+
+
+def ephemeral_notice() -> str:
+    """The one line that says an ephemeral queen is being started, and why."""
+    return (f"No queen-rbee at {queen_url_from_env()}: starting one until this command ends "
+            "(ephemeral; `rbee-keeper queen start` keeps one running)")
 
 
 class EphemeralQueen:
@@ -119,11 +158,20 @@ class EphemeralQueen:
 
     @classmethod
     async def start(cls, nursery: trio.Nursery, show: Callable[[Event], None]) -> "EphemeralQueen":
-        """Start ``queen-rbee --port 0``; relay its narration to ``show`` (for its life)."""
+        """Start ``queen-rbee --port 0``; relay its narration to ``show`` (for its life).
+
+        The first thing ``show`` gets is the keeper's own line saying so (``ephemeral_notice``)."""
+        show(NarrationEvent(
+            actor="rbee-keeper", action="queen_ephemeral", target=queen_url_from_env(), human=ephemeral_notice(),
+            cute="No queen in the hive yet, so one is hatching just for this command! 👑",
+            story=f"Nobody answered at {queen_url_from_env()}, so the keeper woke a queen of its own, "
+                  "to reign only until this command is done.",
+            ts_ms=time.time_ns() // 1_000_000))
         with open_log("ab") as log:
+            log_start = log.tell()
             child = ChildProcess([queen_program(), "--port", "0"], capture_stdout=True, stdin_pipe=True, stderr=log)
         switch = _Switch(show)
-        url = await nursery.start(_relay_queen_stdout, child, switch)
+        url = await nursery.start(_relay_queen_stdout, child, switch, log_start)
         return cls(child, url, switch)
 
     def terminate(self) -> None:
@@ -157,24 +205,32 @@ class _Switch:
 
 
 async def _relay_queen_stdout(
-    child: ChildProcess, show: Callable[[Event], None], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    child: ChildProcess, show: Callable[[Event], None], log_start: int = 0, *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     assert child.stdout is not None
     decoder = jsonlines.Decoder(actor="queen-rbee")
     url = None
+    said: str | None = None  # the queen's own last error line, if it gave one
     with trio.move_on_after(QUEEN_START_S) as start_scope:
         while url is None:
             data = await child.stdout.receive_some()
             for event in decoder.feed(data) if data else decoder.close():
                 show(event)
-                if isinstance(event, NarrationEvent) and event.action == "server_bind" and event.actor == "queen-rbee":
-                    url = str(event.extra.get("url"))
+                if isinstance(event, NarrationEvent) and event.actor == "queen-rbee":
+                    if event.level == "error":
+                        said = event.human
+                    elif event.action == "server_bind":
+                        url = str(event.extra.get("url"))
             if not data:
                 break
     if url is None:
         child.send_signal(signal.SIGKILL)
-        why = "did not start in time" if start_scope.cancelled_caught else f"exited with {await child.wait()}"
-        raise QueenStartError(f"queen-rbee {why}; see {log_path()}")
+        if start_scope.cancelled_caught:
+            raise QueenStartError(f"queen-rbee did not start within {QUEEN_START_S:.0f} s; see {log_path()}")
+        code = await child.wait()
+        cause = said or start_failure(log_path(), log_start) or f"it exited with {code}"
+        raise QueenStartError(f"queen-rbee did not start: {cause} (log: {log_path()})")
     task_status.started(url)
     while True:
         data = await child.stdout.receive_some()
@@ -184,8 +240,57 @@ async def _relay_queen_stdout(
             return
 
 
+def start_failure(log: Path, start: int = 0) -> str | None:
+    """Why a queen that exited before it listened did so, from its log (from byte
+    ``start``): its own one-line error (``queen-rbee: ...`` on stderr, or an error
+    narration), else the last line of a traceback; None when the log says nothing."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("queen-rbee: "):
+            return line.removeprefix("queen-rbee: ").strip()
+    for line in reversed(lines):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get("level") == "error" and isinstance(obj.get("human"), str):
+            return obj["human"]
+    last = [line.strip() for line in lines if line.strip() and not line.startswith(("{", " ", "|", "+"))]
+    return last[-1] if last else None
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Something listens on ``host:port`` already (bound as the queen binds: SO_REUSEADDR,
+    so a port in TIME_WAIT is free). A pre-check, for the one-line answer; the queen's own
+    bind still decides."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # the queen says what is wrong with the host
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def start_persistent(port: int, host: str = "127.0.0.1") -> dict:
-    """Start a detached queen (its own session, outliving us); record and return URL/PID."""
+    """Start a detached queen (its own session, outliving us); record and return URL/PID.
+
+    A port already taken is refused before anything starts, naming the port and
+    ``--port``; any other failure is the queen's own one line (``start_failure``)."""
+    if port and port_taken(host, port):
+        raise QueenStartError(
+            f"port {port} on {host} is taken by another program; stop it, or start the queen on another port "
+            f"with `rbee-keeper queen start --port N` (and set RBEE_QUEEN_URL=http://{host}:N for the other commands)")
     log = log_path()
     with open_log("wb") as out:
         proc = subprocess.Popen(
@@ -212,7 +317,8 @@ def start_persistent(port: int, host: str = "127.0.0.1") -> dict:
                     raise state_error(record_path(), exc) from None
                 return record
         if proc.poll() is not None:
-            raise QueenStartError(f"queen-rbee exited with {proc.returncode}; see {log}")
+            cause = start_failure(log) or f"it exited with {proc.returncode}"
+            raise QueenStartError(f"queen-rbee did not start: {cause} (log: {log})")
         time.sleep(0.05)
     proc.kill()
     raise QueenStartError(f"queen-rbee did not start within {QUEEN_START_S:.0f} s; see {log}")

@@ -21,7 +21,7 @@ import trio
 
 from ..client import open_job_stream
 from ..errors import RbeeError, single_cause
-from ..narration.events import End, Error, Token
+from ..narration.events import End, Error, NarrationEvent, Token
 from .exit_codes import EXIT_CANCELLED, EXIT_JOB_FAILED, EXIT_OK
 from .output import Output
 from .queen_control import EphemeralQueen, api_token, find_queen
@@ -37,11 +37,16 @@ class _JobOutcome:
         self.error: Error | None = None
         self.first_token_s: float | None = None
         self.tokens = 0
+        #: Where the job ran: the node and worker the queen's narration named last.
+        self.node: str | None = None
+        self.worker_id: str | None = None
 
 
 async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobOutcome, started: float) -> None:
     operation = request.get("operation", "infer")
-    out.narrate("job_submit", f"Submitting {operation} job to queen-rbee at {url}", target=operation)
+    out.narrate("job_submit", f"Submitting {operation} job to queen-rbee at {url}", target=operation,
+                cute=f"Buzzing off to the queen with your {operation} job! 👑",
+                story=f"The keeper carried the {operation} request to the queen, who held court at {url}.")
     async with open_job_stream(url, request, token=api_token()) as job:
         async for event in job:
             kind = type(event)
@@ -56,6 +61,8 @@ async def _stream(url: str, request: dict[str, Any], out: Output, outcome: _JobO
             elif kind is Error:
                 outcome.error = event
                 continue  # said once, at the end: "Failed: infer — <cause>"
+            elif kind is NarrationEvent and event.node and event.worker_id:
+                outcome.node, outcome.worker_id = event.node, event.worker_id  # the summary says where
             out.event(event)
 
 
@@ -148,19 +155,43 @@ def _report(request: dict[str, Any], out: Output, outcome: _JobOutcome, elapsed_
         out.narrate("job_complete", f"Failed: {operation} — {failure}", level="error", target=operation,
                     error_code=code)
         return EXIT_JOB_FAILED
-    out.narrate("job_complete", f"Complete: {operation}", target=operation)
-    if operation == "infer":
-        end = outcome.end
-        tokens = end.tokens_out if end else outcome.tokens
-        rate = end.tokens_per_sec if end else 0.0
-        first_ms = round(outcome.first_token_s * 1000) if outcome.first_token_s is not None else None
-        ttft = f", first token after {first_ms} ms" if first_ms is not None else ""
-        out.narrate(
-            "job_summary",
-            f"{tokens} tokens, {rate:.1f} tok/s{ttft} ({elapsed_s:.2f} s in all)",
-            tokens_out=tokens,
-            tokens_per_sec=round(rate, 2),
-            first_token_ms=first_ms,
-            elapsed_ms=round(elapsed_s * 1000),
-        )
+    if operation != "infer":
+        out.narrate("job_complete", f"Complete: {operation}", target=operation,
+                    cute=f"{operation.capitalize()} done! 🍯", story=f"And so the {operation} was done.")
+        return EXIT_OK
+    _summary(out, outcome, elapsed_s)
     return EXIT_OK
+
+
+def _summary(out: Output, outcome: _JobOutcome, elapsed_s: float) -> None:
+    """The one line that ends an infer: what came, how fast, where it ran.
+
+    It says what the worker's ``inference_complete`` and the queen's ``infer_complete``
+    say too; the keeper folds those into it (``Output``).
+    """
+    end = outcome.end
+    tokens = end.tokens_out if end else outcome.tokens
+    rate = end.tokens_per_sec if end else 0.0
+    first_ms = round(outcome.first_token_s * 1000) if outcome.first_token_s is not None else None
+    ttft = f", first token after {first_ms} ms" if first_ms is not None else ""
+    where = ""
+    if outcome.node and outcome.worker_id:
+        where = f" on {outcome.node} by {outcome.worker_id}"
+    # An answer cut by the limit is complete, but the user may want more of it.
+    cut = "; stopped at --max-tokens" if end is not None and end.stop_reason == "max_tokens" else ""
+    out.narrate(
+        "job_complete",
+        f"Complete: infer — {tokens} tokens, {rate:.1f} tok/s{ttft} ({elapsed_s:.2f} s in all){where}{cut}",
+        target="infer",
+        cute=f"All done: {tokens} tokens at {rate:.1f} tok/s{where}! 🍯",
+        story=(f"And so the answer was told: {tokens} tokens at {rate:.1f} tok/s"
+               + (f", spun by {outcome.worker_id} on {outcome.node}" if where else "")
+               + ", and the keeper went home."),
+        tokens_out=tokens,
+        tokens_per_sec=round(rate, 2),
+        first_token_ms=first_ms,
+        elapsed_ms=round(elapsed_s * 1000),
+        node=outcome.node,
+        worker_id=outcome.worker_id,
+        stop_reason=end.stop_reason if end is not None else None,
+    )

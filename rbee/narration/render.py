@@ -8,11 +8,18 @@ event shows nothing in that mode. Modes:
 - ``json``: the JSON-lines form of every event but tokens and the end marker;
 - ``quiet``: errors only (level ``error`` narration and ``Error`` events).
 
-Tokens, ``Started``, ``Metrics`` and the end marker render as nothing (the keeper prints
-the generated text itself). Download and load progress (narration with ``bytes_done`` /
-``bytes_total`` or ``layers_done`` / ``layers_total`` in ``extra``, and ``Loading``) renders
-as a bar, ``[model-provisioner] ⬇ gemma.gguf [#####-----] 52% 130.0/253.1 MB 41.2 MB/s``.
-The speed is ``extra["bytes_per_sec"]`` when given, else computed from the ``ts_ms`` and
+Every line names a real component as its actor, never a pseudo-actor: typed events that
+carry none are rendered as the component that sends them (``Loading`` as the worker's
+``model-loader``, ``Prefill`` and ``Ready`` as ``llm-worker-rbee``, ``Error`` as the
+``queen-rbee`` whose job stream carries it). Tokens, ``Started``, ``Metrics``, ``End``
+and the end marker render as nothing: the keeper prints the generated text itself, and
+its own summary line says what ``End`` says.
+
+Download and load progress (narration with ``bytes_done`` or ``layers_done`` /
+``layers_total`` in ``extra``, ``Loading`` and ``Prefill``) renders as a bar,
+``[model-provisioner] ⬇ gemma.gguf [#####-----] 52% 130.0/253.1 MB 41.2 MB/s``;
+``draws_bar(event)`` says which events do (the keeper redraws those in place). The speed
+is ``extra["bytes_per_sec"]`` when given, else computed from the ``ts_ms`` and
 ``bytes_done`` of the previous event of the same actor and target. Debug narration shows
 only with ``show_debug=True``.
 """
@@ -22,13 +29,20 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from . import jsonlines
-from .events import DONE, End, Error, Event, Loading, NarrationEvent, Prefill, Ready, Token, UnknownEvent
+from .events import DONE, Error, Event, Loading, NarrationEvent, Prefill, Ready, Token
 
 RENDER_MODES = ("human", "cute", "story", "json", "quiet")
+#: The components that send the typed events which carry no actor of their own.
+WORKER_ACTOR = "llm-worker-rbee"
+#: The worker's model loader, as the seeds call it (``[model-loader] 📦 Loading ...``).
+LOADER_ACTOR = "model-loader"
+QUEEN_ACTOR = "queen-rbee"
 BAR_WIDTH = 10
 MEGABYTE = 1_000_000  # decimal, as download sizes are quoted
 
 _LEVEL_EMOJI = {"error": "❌", "warn": "⚠️", "debug": "🔍"}
+# The seeds' emoji for the model load: the start (and its bar) and the end.
+_PHASE_EMOJI = {("model_load", "start"): "📦", ("model_load", "progress"): "📦", ("model_load", "done"): "🛏️"}
 # First matching word of the action wins; the order puts specific words first.
 _ACTION_EMOJI = (
     ("download", "⬇"),
@@ -36,7 +50,13 @@ _ACTION_EMOJI = (
     ("bind", "🔌"),
     ("ready", "✅"),
     ("spawn", "🚀"),
+    ("assemble", "📦"),
     ("load", "⏳"),
+    ("device", "🖥️"),
+    ("tokenize", "🍰"),
+    ("startup", "🌅"),
+    ("hive_start", "🌅"),
+    ("queen_start", "🌅"),
     ("shutdown", "🛑"),
     ("stop", "🛑"),
     ("cancel", "🛑"),
@@ -51,11 +71,15 @@ _ACTION_EMOJI = (
 _DEFAULT_EMOJI = "🐝"
 
 
-def emoji_for(level: str, action: str) -> str:
-    """The emoji of a narration line: by level for warn/error/debug, else by action."""
+def emoji_for(level: str, action: str, phase: object = None) -> str:
+    """The emoji of a narration line: by level for warn/error/debug, else by action (and
+    its ``phase`` extra, for the model load's start and end)."""
     by_level = _LEVEL_EMOJI.get(level)
     if by_level is not None:
         return by_level
+    by_phase = _PHASE_EMOJI.get((action, phase)) if isinstance(phase, str) else None
+    if by_phase is not None:
+        return by_phase
     for word, emoji in _ACTION_EMOJI:
         if word in action:
             return emoji
@@ -87,6 +111,25 @@ class NarrationRenderer:
         # (actor, target) -> (ts_ms, bytes_done) of the last progress event, for the speed.
         self._last_progress: dict[tuple[str, str], tuple[int, float]] = {}
 
+    def draws_bar(self, event: Event) -> bool:
+        """True when ``event`` renders as a progress bar (in a mode that shows bars): the
+        keeper redraws such a line in place on a terminal and leaves it out elsewhere."""
+        if self.mode in ("json", "quiet"):
+            return False
+        kind = type(event)
+        if kind is Prefill:
+            return True
+        if kind is Loading:
+            return event.bytes_done is not None or (event.layers_done is not None and bool(event.layers_total))
+        if kind is not NarrationEvent or event.level in ("error", "warn") or (
+            event.level == "debug" and not self.show_debug
+        ):
+            return False
+        extra = event.extra
+        return _is_number(extra.get("bytes_done")) or (
+            _is_number(extra.get("layers_done")) and _is_number(extra.get("layers_total"))
+        )
+
     def render(self, event: Event) -> str | None:
         """One display line for ``event``, or None to show nothing."""
         if type(event) is Token or event is DONE:
@@ -107,30 +150,26 @@ class NarrationRenderer:
             return self._render_loading(event)
         if kind is Prefill:
             share = event.tokens_done / event.tokens_total if event.tokens_total > 0 else 0.0
-            return (f"[prefill] ⏳ prompt {progress_bar(share)} "
+            return (f"[{WORKER_ACTOR}] ⏳ prompt {progress_bar(share)} "
                     f"{event.tokens_done}/{event.tokens_total} tokens")
         if kind is Error:
-            return f"[error] ❌ {event.code}: {event.message}"
-        if kind is End:
-            return (
-                f"[end] 🏁 {event.tokens_out} tokens in {event.decode_time_ms / 1000:.2f} s "
-                f"({event.tokens_per_sec:.1f} tok/s), {event.stop_reason}"
-            )
+            return f"[{QUEEN_ACTOR}] ❌ {event.code}: {event.message}"
         if kind is Ready:
             where = f" at {event.url}" if event.url else ""
-            who = event.worker_id or "worker"
-            return f"[{who}] ✅ ready{where}"
-        if kind is UnknownEvent:
-            return None
-        return None  # Started, Metrics: nothing to say
+            who = event.worker_id or "the worker"
+            return f"[{WORKER_ACTOR}] ✅ {who} is ready{where}"
+        # End: the keeper's summary says it; Started, Metrics, UnknownEvent: nothing to say.
+        return None
 
     def _render_narration(self, event: NarrationEvent) -> str | None:
         if event.level == "debug" and not self.show_debug:
             return None
-        bar = self._progress(event.actor, event.target, event.ts_ms, event.extra)
-        emoji = emoji_for(event.level, event.action)
+        # A warning or an error is said in words, even when it carries figures.
+        bar = None if event.level in ("error", "warn") else self._progress(
+            event.actor, event.target, event.ts_ms, event.extra)
+        emoji = emoji_for(event.level, event.action, event.extra.get("phase"))
         if bar is not None:
-            what = event.target or event.action
+            what = event.target.rsplit("/", 1)[-1] or event.action  # a file's name, not its path
             return f"[{event.actor}] {emoji} {what} {bar}"
         text = event.human
         if self.mode == "cute" and event.cute:
@@ -146,9 +185,8 @@ class NarrationRenderer:
             "layers_done": event.layers_done,
             "layers_total": event.layers_total,
         }
-        bar = self._progress("loading", event.stage, None, extra)
-        emoji = "⬇" if event.bytes_done is not None else "⏳"
-        return f"[loading] {emoji} {event.stage or 'model'} {bar or ''}".rstrip()
+        bar = self._progress(LOADER_ACTOR, event.stage, None, extra)
+        return f"[{LOADER_ACTOR}] 📦 {event.stage or 'model'} {bar or ''}".rstrip()
 
     def _progress(
         self, actor: str, target: str, ts_ms: int | None, extra: Mapping[str, Any]

@@ -10,7 +10,9 @@ closes the generator), the job is cancelled unless it was submitted with ``"deta
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import traceback
 from typing import Any, AsyncIterator
 
@@ -18,8 +20,9 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..errors import InvalidRequestError, NotFoundError, ShuttingDownError
-from ..http_common import check_bearer, install_error_edge, json_body, sse_response, streaming_app
+from .. import __version__
+from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError, ShuttingDownError
+from ..http_common import check_bearer, install_error_edge, json_body, model_query, sse_response, streaming_app
 from ..narration import narrate, sse
 from ..openapi import OPENAPI_PATH, QUEEN, served_document
 from ..requests import json_type, parse_infer_request
@@ -91,7 +94,11 @@ def create_app(state: QueenState) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "jobs": len(state.jobs.list()), "hives": [h.node.name for h in state.hives.running()]}
+        # ``service`` tells a queen from any other server answering 200 here (the keeper
+        # takes nothing else for one); pid and uptime are what `queen status` shows.
+        return {"status": "ok", "service": ACTOR, "version": __version__, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - state.started, 1),
+                "jobs": len(state.jobs.list()), "hives": [h.node.name for h in state.hives.running()]}
 
     @app.get(OPENAPI_PATH)
     async def openapi_document() -> dict[str, Any]:
@@ -195,6 +202,8 @@ def create_app(state: QueenState) -> QuartTrio:
                          for f in bad],
             )
         node, worker_id = body.get("node"), body.get("worker_id")
+        if node:
+            state.nodes.get(node)  # an unknown node is a 404 naming the fix, not "nothing stopped"
         stopped = []
         for hive in state.hives.running():
             if node and hive.node.name != node:
@@ -217,6 +226,23 @@ def create_app(state: QueenState) -> QuartTrio:
         hive = state.hives.get(node.name) or await state.hives.ensure(node)
         listing = await hive.request("GET", "/v1/models")
         return {"node": node.name, **(listing if isinstance(listing, dict) else {"models": listing})}
+
+    @app.delete("/v1/nodes/<name>/models")
+    async def remove_node_model(name: str) -> dict[str, Any]:
+        # ?model=REF: references hold '/' and ':' (and file: paths '..'), which a query
+        # carries as they are; the hive decides (404 unknown, 409 in use).
+        node = state.nodes.get(name)
+        model = model_query()
+        hive = state.hives.get(node.name) or await state.hives.ensure(node)
+        try:
+            answer = await hive.request("DELETE", "/v1/models", params={"model": model})
+        except ModelNotFoundError:  # the hive cannot name its node; the queen can
+            raise ModelNotFoundError(f"no model {model} on node {node.name} "
+                                     f"(`rbee-keeper models list --node {node.name}` lists its models)") from None
+        state.infer.forget_resolved(node.name)  # the next job asks the catalog again
+        narrate(ACTOR, "model_remove", f"{answer.get('reference', model)} removed from node {node.name}",
+                node=node.name, target=str(answer.get("reference", model)))
+        return {"node": node.name, **answer}
 
     register_openai_routes(app, state, lambda body: submit_infer(state, body))
 

@@ -147,12 +147,6 @@ class _Listening:
         self.hive.listeners.remove(self.sink)
 
 
-def default_local_hive_command() -> str:
-    """``rbee-hive`` beside our interpreter (a virtualenv's bin/), else on PATH."""
-    sibling = Path(sys.executable).parent / "rbee-hive"
-    return shlex.quote(str(sibling)) if sibling.exists() else "rbee-hive"
-
-
 class HiveManager:
     """Starts at most one hive per node, on demand, and stops them all at shutdown."""
 
@@ -234,7 +228,9 @@ class HiveManager:
     async def _run_hive(self, hive: Hive, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         node = hive.node
         where = "as a local child process" if node.is_local else f"over SSH ({node.ssh_host}:{node.ssh_port})"
-        narrate(ACTOR, "hive_start", f"Starting rbee-hive on node {node.name} {where}", target=node.name, node=node.name)
+        narrate(ACTOR, "hive_start", f"Starting rbee-hive on node {node.name} {where}", target=node.name,
+                node=node.name, cute=f"Waking the hive on {node.name}! 🏠🐝",
+                story=f"The queen sent word to {node.name} to wake its hive, {where}.")
         try:
             if node.is_local:
                 token_file = self._write_token(node.name, hive.token)
@@ -303,7 +299,9 @@ class HiveManager:
                 f"rbee-hive on node {hive.node.name} exited before it was ready ({hive.failure_hint()});"
                 f" check that `{hive.node.rbee_hive_command} daemon` runs there"
             )
-        narrate(ACTOR, "hive_exit", f"rbee-hive on node {hive.node.name} has exited", node=hive.node.name)
+        narrate(ACTOR, "hive_exit", f"rbee-hive on node {hive.node.name} has exited", node=hive.node.name,
+                cute=f"The hive on {hive.node.name} is fast asleep. 💤",
+                story=f"The hive on {hive.node.name} went quiet.")
 
     async def _drain_stderr(self, hive: Hive, read: Callable[[], Any]) -> None:
         # The remote hive's stderr: into the queen's stderr (its log) and the error hint.
@@ -330,7 +328,9 @@ class HiveManager:
         """Shut every hive down (EOF on stdin; they stop their workers), in parallel."""
         hives = [h for h in self._hives.values() if not h.exited.is_set()]
         for hive in hives:
-            narrate(ACTOR, "hive_stop", f"Stopping rbee-hive on node {hive.node.name}", node=hive.node.name)
+            narrate(ACTOR, "hive_stop", f"Stopping rbee-hive on node {hive.node.name}", node=hive.node.name,
+                    cute=f"Hive on {hive.node.name}, time for bed! 🌙",
+                    story=f"The queen told the hive on {hive.node.name} to rest.")
         async with trio.open_nursery() as nursery:
             for hive in hives:
                 nursery.start_soon(self._stop_one, hive)

@@ -152,7 +152,9 @@ class InferJob:
             want = Want(identity, node.name, backend, device, label=req.model)
             narrate(ACTOR, "infer_start",
                     f"Inference of {req.model} starts on node {node.name} ({backend}:{device})",
-                    target=req.model, node=node.name, model_ref=identity.reference)
+                    target=req.model, node=node.name, model_ref=identity.reference,
+                    cute=f"{req.model} on {node.name}, coming right up! 🐝",
+                    story=f"On {node.name} the job would ask {req.model}, on {backend}:{device}.")
             await self._lease_and_stream(job, req, hive, want)
         finally:
             self.scheduler.job_finished(job.job_id)
@@ -167,7 +169,8 @@ class InferJob:
                 check_backend(node.name, facts, req.backend, req.device or 0)
             reason = "its rbee-hive is up" if self.hives.get(node.name) else "starting its rbee-hive"
             narrate(ACTOR, "route_job", f"Routing job to node {node.name} ({reason})", target=node.name,
-                    node=node.name)
+                    node=node.name, cute=f"Off to {node.name} we fly! 🐝",
+                    story=f"The queen sent the job to node {node.name}, as asked ({reason}).")
             return node
         views = await self._node_views(req)
         choice = place(views, backend=req.backend)
@@ -175,7 +178,8 @@ class InferJob:
         if req.backend is not None and req.backend != "cpu" and node.is_local and not self._known_facts(node):
             check_backend(node.name, await self._detect_local(node), req.backend, req.device or 0)
         narrate(ACTOR, "route_job", f"Routing job to node {node.name}: {choice.reason}", target=node.name,
-                node=node.name, reason=choice.reason)
+                node=node.name, reason=choice.reason, cute=f"Off to {node.name} we fly! 🐝",
+                story=f"The queen looked over her nodes and chose {node.name}: {choice.reason}.")
         return node
 
     async def _node_views(self, req: InferRequest) -> list[NodeView]:
@@ -231,6 +235,11 @@ class InferJob:
                 self._local_facts = None
         return self._local_facts
 
+    def forget_resolved(self, node: str) -> None:
+        """Forget what the catalog of ``node`` resolved (a model was removed from it)."""
+        for key in [k for k in self._resolved if k[0] == node]:
+            del self._resolved[key]
+
     async def _resolve(self, hive: Hive, req: InferRequest) -> ModelIdentity:
         """The model's identity from the node's catalog (cached for the hive's life)."""
         key = (hive.node.name, req.ref.reference)
@@ -251,12 +260,17 @@ class InferJob:
             def on_wait(position: int, length: int) -> None:
                 narrate(ACTOR, "infer_queue",
                         f"Waiting for a slot of {want.name} on {node}: position {position} of {length}",
-                        target=want.name, node=node, position=position, queue_length=length)
+                        target=want.name, node=node, position=position, queue_length=length,
+                        cute=f"Waiting in line: bee {position} of {length} ⏳",
+                        story=f"The job waited its turn, {position} of {length} in the line for {want.name}.")
 
             def start_spawn(w: Want) -> None:
                 narrate(ACTOR, "infer_schedule",
                         f"No worker of {w.name} on {node} has a free slot: asking rbee-hive to spawn one",
-                        target=w.name, node=node)
+                        target=w.name, node=node,
+                        cute=f"No free bee for {w.name}: hatching a new worker on {node}! 🥚",
+                        story=f"Every worker of {w.name} on {node} was busy or missing, so the queen asked the "
+                              "hive for one more.")
                 self._spawn_nursery.start_soon(self._spawn, hive, w)
 
             async with lease(self.scheduler, job.job_id, want, start_spawn=start_spawn, on_wait=on_wait,
@@ -268,7 +282,9 @@ class InferJob:
                         f" ({want.name} on {node}) is this job's"
                         + (f" after {waited:.1f} s in the queue" if waited >= 0.05 else ""),
                         target=worker.worker_id, worker_id=worker.worker_id, node=node,
-                        queue_wait_ms=round(waited * 1000, 1))
+                        queue_wait_ms=round(waited * 1000, 1),
+                        cute=f"Got a seat on {worker.worker_id}! 🎟️",
+                        story=f"A slot of {worker.worker_id} on {node} was the job's at last.")
                 if self._on_leased is not None:
                     self._on_leased(want.name, waited)
                 try:
@@ -284,7 +300,8 @@ class InferJob:
         worker = slot.worker
         wid, node = worker.worker_id, worker.node
         url = await hive.reach(worker.url)
-        narrate(ACTOR, "infer_worker", f"Worker {wid} is ready at {worker.url}", target=wid, worker_id=wid, node=node)
+        narrate(ACTOR, "infer_worker", f"Worker {wid} is ready at {worker.url}", target=wid, worker_id=wid, node=node,
+                cute=f"{wid} is all ears! 👂", story=f"The queen handed the prompt to {wid} on {node}.")
         end, first_token_s = await self._infer(job, req, url, hive, worker)
         if self._on_finished is not None:
             self._on_finished(req, node, end, first_token_s)
@@ -297,6 +314,8 @@ class InferJob:
             node=node,
             tokens_out=end.tokens_out,
             tokens_per_sec=end.tokens_per_sec,
+            cute=f"{end.tokens_out} tokens, done! 🎉",
+            story=f"{wid} had told its answer, {end.tokens_out} tokens long.",
         )
 
     async def _infer(self, job: Job, req: InferRequest, url: str, hive: Hive,

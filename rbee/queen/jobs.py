@@ -120,13 +120,15 @@ class JobRegistry:
             admit(job.job_id)
         self._jobs[job.job_id] = job
         with narration_context(job_id=job.job_id, sink=job.sink):
+            what = (f" of {request.get('model')}" if request.get("model") else "") + (
+                f" on node {request.get('node')}" if request.get("node") else "")
             narrate(
                 ACTOR,
                 "job_create",
-                f"Job {job.job_id} created: {operation}"
-                + (f" of {request.get('model')}" if request.get("model") else "")
-                + (f" on node {request.get('node')}" if request.get("node") else ""),
+                f"Job {job.job_id} created: {operation}{what}",
                 target=job.job_id,
+                cute=f"New job for the hive: {operation}{what}! 📋🐝",
+                story=f"A request reached the queen: {operation}{what}. She named it {job.job_id}.",
             )
             self._nursery.start_soon(self._run, job, runner)
         return job
@@ -170,7 +172,9 @@ class JobRegistry:
                     except trio.Cancelled:
                         job.state = "cancelled"
                         why = self.stop_reason or f"job {job.job_id} was cancelled"
-                        narrate(ACTOR, "execute_cancelled", f"Job {job.job_id} cancelled: {why}", target=job.job_id)
+                        narrate(ACTOR, "execute_cancelled", f"Job {job.job_id} cancelled: {why}", target=job.job_id,
+                                cute=f"Job {job.job_id} called off: {why} 🛑",
+                                story=f"The job {job.job_id} was called off: {why}.")
                         error = JobCancelledError(why)
                         job.sink(Error(code=error.code, message=error.message))
                         raise
@@ -193,7 +197,9 @@ class JobRegistry:
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         job.state = "failed"
-        narrate(ACTOR, "execute_error", f"Job {job.job_id} failed: {message}", target=job.job_id, level="error")
+        narrate(ACTOR, "execute_error", f"Job {job.job_id} failed: {message}", target=job.job_id, level="error",
+                cute=f"Oh no, job {job.job_id} fell over: {message} 😿",
+                story=f"But the job {job.job_id} failed: {message}.")
         job.sink(Error(code=code, message=message))
 
     async def _forget_later(self, job: Job) -> None:

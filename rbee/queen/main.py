@@ -9,7 +9,7 @@ from pathlib import Path
 import cyclopts
 import trio
 
-from ..errors import StateError, single_cause
+from ..errors import BindFailedError, StateError, single_cause
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL
 from .server import DEFAULT_GRACE_PERIOD_S, DEFAULT_STALL_TIMEOUT_S, QueenConfig, serve
 
@@ -74,9 +74,9 @@ def run(
         trio.run(serve, config)
     except Exception as exc:
         cause = single_cause(exc)
-        if not isinstance(cause, StateError):
+        if not isinstance(cause, (StateError, BindFailedError)):
             raise
-        # A read-only or full RBEE_HOME: one line naming it and the fix, exit 1.
+        # A read-only or full RBEE_HOME, a port taken: one line naming it and the fix, exit 1.
         print(f"queen-rbee: {cause.message}", file=sys.stderr)
         return 1
     return 0

@@ -18,8 +18,11 @@ added again: their host keys were pinned in it). Any other reader gets a ``State
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import sqlite3
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +33,25 @@ from ..paths import set_aside, sqlite_is_corrupt, sqlite_state_error
 from ..requests import NODE_NAME_PATTERN
 
 LOCALHOST = "localhost"
+#: Why ``setup add-node localhost`` is refused, and what to do instead (the keeper says it
+#: before contacting anything; the queen says it for any other client).
+LOCALHOST_RESERVED = (
+    "the name localhost is reserved for the built-in local node (the queen's own machine: "
+    "--node localhost works without adding anything); give this node another name, such as its host name"
+)
 DEFAULT_HIVE_COMMAND = "rbee-hive"
+
+
+def default_local_hive_command() -> str:
+    """``rbee-hive`` beside our interpreter (a virtualenv's bin/), else on PATH."""
+    sibling = Path(sys.executable).parent / "rbee-hive"
+    return shlex.quote(str(sibling)) if sibling.exists() else "rbee-hive"
+
+
+def local_hive_command(configured: str | None = None) -> str:
+    """The command of localhost's hive: the queen's setting, else ``$RBEE_HIVE_COMMAND``,
+    else ``default_local_hive_command()``."""
+    return configured or os.environ.get("RBEE_HIVE_COMMAND") or default_local_hive_command()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -78,28 +99,32 @@ def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
     problems = []
     name = body.get("name")
     if not isinstance(name, str) or not re.fullmatch(NODE_NAME_PATTERN, name):
-        problems.append({"field": "name", "constraint": f"pattern:{NODE_NAME_PATTERN}", "message": "a short node name"})
+        problems.append({"field": "name", "constraint": f"pattern:{NODE_NAME_PATTERN}",
+                         "message": "name must be 1 to 63 letters, digits or . _ -, starting with a letter or digit"})
     elif name == LOCALHOST:
-        problems.append({"field": "name", "constraint": "not localhost", "message": "localhost is built in"})
+        problems.append({"field": "name", "constraint": "not localhost", "message": LOCALHOST_RESERVED})
     host = body.get("ssh_host")
     if not isinstance(host, str) or not host or host.startswith("-"):
-        problems.append({"field": "ssh_host", "constraint": "required", "message": "the SSH host name or address"})
+        problems.append({"field": "ssh_host", "constraint": "required",
+                         "message": "ssh_host is required: the SSH host name or address"})
     elif not _resolvable_name(host):
         problems.append({"field": "ssh_host", "constraint": "hostname",
                          "message": "ssh_host must be a host name or address: no spaces or control characters, "
                                     "labels of 1 to 63 characters"})
     port = body.get("ssh_port", 22)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-        problems.append({"field": "ssh_port", "constraint": "1..65535", "message": "the SSH port"})
+        problems.append({"field": "ssh_port", "constraint": "1..65535", "message": "ssh_port must be 1 to 65535"})
     hive_port = body.get("hive_port", 0)
     if not isinstance(hive_port, int) or isinstance(hive_port, bool) or not 0 <= hive_port < 65536:
-        problems.append({"field": "hive_port", "constraint": "0..65535", "message": "0 lets the hive pick"})
+        problems.append({"field": "hive_port", "constraint": "0..65535",
+                         "message": "hive_port must be 0 (the hive picks one) to 65535"})
     command = body.get("rbee_hive_command") or DEFAULT_HIVE_COMMAND
     if not isinstance(command, str):
-        problems.append({"field": "rbee_hive_command", "constraint": "string", "message": "a shell command"})
+        problems.append({"field": "rbee_hive_command", "constraint": "string",
+                         "message": "rbee_hive_command must be a string (a shell command)"})
     for key in ("ssh_user", "ssh_key"):
         if body.get(key) is not None and not isinstance(body.get(key), str):
-            problems.append({"field": key, "constraint": "string", "message": f"{key} is a string"})
+            problems.append({"field": key, "constraint": "string", "message": f"{key} must be a string"})
     user, key_file = body.get("ssh_user"), body.get("ssh_key")
     if isinstance(user, str) and not _ssh_user_name(user):
         problems.append({"field": "ssh_user", "constraint": "saslprep",
@@ -107,7 +132,8 @@ def validate_node_fields(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(key_file, str) and "\0" in key_file:
         problems.append({"field": "ssh_key", "constraint": "no_nul", "message": "ssh_key is a file path (no NUL)"})
     if problems:
-        raise InvalidRequestError("invalid node: " + "; ".join(p["field"] for p in problems), details=problems)
+        # Each problem's message names its field and what to do: the summary is all of them.
+        raise InvalidRequestError("invalid node: " + "; ".join(p["message"] for p in problems), details=problems)
     return {
         "name": name,
         "ssh_host": host,
@@ -246,6 +272,25 @@ class NodeRegistry:
             db.close()
         if cursor.rowcount == 0:
             raise NotFoundError(f"no node named {name!r} (see `rbee-keeper setup list-nodes`)")
+
+
+def read_nodes(db_path: Path, *, local_hive_command: str = DEFAULT_HIVE_COMMAND) -> list[Node]:
+    """``NodeRegistry.list()`` without the queen: ``localhost``, then the stored nodes,
+    reading only (for the keeper's ``setup list-nodes`` with no queen running). No file
+    yet: localhost alone. It creates, migrates and sets aside nothing (``mode=rw``,
+    ``query_only``); a damaged file is ``sqlite3.Error`` (the queen repairs it)."""
+    localhost = Node(name=LOCALHOST, rbee_hive_command=local_hive_command)
+    if not db_path.is_file():
+        return [localhost]
+    db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=rw", uri=True)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA query_only=ON")
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'nodes'").fetchall()
+        rows = db.execute("SELECT * FROM nodes ORDER BY name").fetchall() if tables else []
+    finally:
+        db.close()
+    return [localhost] + [_row_to_node(r) for r in rows]
 
 
 def _row_to_node(row: sqlite3.Row) -> Node:

@@ -12,6 +12,7 @@ Nursery layout (outermost first), which is also the shutdown order:
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import trio
 from hypercorn.trio import serve as hypercorn_serve
 
+from ..errors import BindFailedError
 from ..http_client import OUR_DAEMONS, async_client
 from ..http_common import hypercorn_config
 from ..narration import narrate
@@ -27,11 +29,11 @@ from ..paths import check_writable, ensure_dir, rbee_home
 from .app import create_app
 from .state import QueenState
 from .asyncio_bridge import AsyncioBridge
-from .hives import HiveManager, default_local_hive_command
+from .hives import HiveManager
 from .infer import InferJob
 from .jobs import Job, JobRegistry
 from .metrics import QueenMetrics, SchedulerSnapshot
-from .nodes import NodeRegistry
+from .nodes import NodeRegistry, local_hive_command
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL, Scheduler
 
 ACTOR = "queen-rbee"
@@ -68,8 +70,9 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
     home = ensure_dir(config.home) if config.home else rbee_home()
     check_writable(home)  # a read-only or full RBEE_HOME stops the queen here, in one line
     token = config.api_token if config.api_token is not None else (os.environ.get("RBEE_API_TOKEN") or None)
-    narrate(ACTOR, "queen_start", f"queen-rbee starting (state in {home})")
-    nodes = NodeRegistry(home / "nodes.db", local_hive_command=config.local_hive_command or os.environ.get("RBEE_HIVE_COMMAND") or default_local_hive_command(),
+    narrate(ACTOR, "queen_start", f"queen-rbee starting (state in {home})", cute="The queen wakes up! 👑",
+            story=f"The queen awoke and opened her court, her records kept in {home}.")
+    nodes = NodeRegistry(home / "nodes.db", local_hive_command=local_hive_command(config.local_hive_command),
                          set_aside_damaged=True)
     if nodes.set_aside is not None:
         narrate(ACTOR, "nodes_db_damaged", f"nodes.db could not be read ({nodes.damage}): kept aside as "
@@ -121,7 +124,9 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
                 task_status.started(port)
                 await state.shutdown.wait()
                 await _drain(state, config.grace_period_s)
-                narrate(ACTOR, "queen_shutdown", "queen-rbee shutting down: stopping hives")
+                narrate(ACTOR, "queen_shutdown", "queen-rbee shutting down: stopping hives",
+                        cute="The queen calls it a day! 👑🌙",
+                        story="The queen closed her court and sent the hives to rest.")
                 job_nursery.cancel_scope.cancel()
             # Streams being read drop their job once [DONE] is written: wait for that.
             with trio.move_on_after(DRAIN_S):
@@ -132,7 +137,8 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
             outer.cancel_scope.cancel()
     finally:
         bridge.close()
-    narrate(ACTOR, "queen_stopped", "queen-rbee stopped")
+    narrate(ACTOR, "queen_stopped", "queen-rbee stopped", cute="Good night from the queen! 💤",
+            story="And the queen slept.")
 
 
 async def _drain(state: QueenState, grace_period_s: float) -> None:
@@ -159,8 +165,30 @@ async def _serve_http(state: QueenState, config: QueenConfig, *, task_status: tr
         await hypercorn_serve(app, hc, task_status=task_status)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(started_port)
+        try:
+            bound = await nursery.start(started_port)
+        except* OSError as group:  # the port is taken, or the address is not ours: one line
+            raise bind_failed(config.host, config.port, group.exceptions[0]) from None
         task_status.started(int(bound[0].rsplit(":", 1)[1]))
+
+
+def bind_failed(host: str, port: int, error: BaseException) -> BindFailedError:
+    """Why the queen cannot listen, with the fix, narrated (level error) and returned."""
+    while isinstance(error, BaseExceptionGroup):  # hypercorn's own nurseries wrap it
+        error = error.exceptions[0]
+    number = getattr(error, "errno", None)
+    reason = getattr(error, "strerror", None) or str(error)
+    if number == errno.EADDRINUSE:
+        fix = f"port {port} is taken: stop what listens there, or pick another port with --port"
+    elif number == errno.EACCES:
+        fix = f"port {port} needs privileges this user lacks: pick another port with --port"
+    elif number in (errno.EADDRNOTAVAIL, getattr(errno, "EAFNOSUPPORT", -1)):
+        fix = f"{host} is no address of this machine: check --host"
+    else:
+        fix = "check --host and --port"
+    message = f"cannot listen on {host}:{port} ({reason}); {fix}"
+    narrate(ACTOR, "server_bind", message, level="error", port=port)
+    return BindFailedError(message)
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

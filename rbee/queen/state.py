@@ -6,6 +6,7 @@ without importing another.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -37,3 +38,5 @@ class QueenState:
     draining: bool = False
     api_token: str | None = None
     ping_interval_s: float = 15.0
+    #: When this queen started (``time.monotonic()``), for ``/health``'s ``uptime_s``.
+    started: float = field(default_factory=time.monotonic)

@@ -155,22 +155,27 @@ def create_app(state: WorkerState) -> QuartTrio:
 
 
 async def _progress_stream(state: WorkerState) -> AsyncIterator[bytes]:
-    """``loading`` events as the load goes, then ``ready`` or ``error``, then ``[DONE]``."""
-    last = None
+    """``loading`` events as the load goes, then ``ready`` or ``error``, then ``[DONE]``.
+
+    A stream that comes during the load starts at its latest step and then gets every
+    later one (the 10% steps); one that comes after it gets just ``ready``.
+    """
+    steps = state.progress_steps
+    sent = len(steps) if state.phase != "loading" else len(steps) - 1
     while True:
         changed = state.changed()
+        # Every step not sent yet, the last one (all layers) included, before the outcome.
+        pending = b"".join(sse.encode(step) for step in steps[sent:])
+        sent = len(steps)
         if state.phase == "idle" and not state.stopping:
-            # A stream that watched the load sees its last step (all layers) first.
-            final = sse.encode(state.progress) if last is not None and state.progress != last else b""
-            yield final + sse.encode(Ready(worker_id=state.config.worker_id, url=state.url)) + sse.encode_done()
+            yield pending + sse.encode(Ready(worker_id=state.config.worker_id, url=state.url)) + sse.encode_done()
             return
         if state.phase == "error" or state.stopping:
             failure = state.failure or ShuttingDownError("the worker is shutting down")
-            yield sse.encode(Error(code=failure.code, message=failure.message)) + sse.encode_done()
+            yield pending + sse.encode(Error(code=failure.code, message=failure.message)) + sse.encode_done()
             return
-        if state.progress != last:
-            last = state.progress
-            yield sse.encode(last)
+        if pending:
+            yield pending
             continue
         with trio.move_on_after(KEEPALIVE_SECONDS) as wait:
             await changed.wait()

@@ -57,7 +57,8 @@ async def post_ready_callback(
             problem, permanent = await _attempt(client, callback_url, body, headers)
             if problem is None:
                 say("callback_ready", f"Told {callback_url} that this worker is ready",
-                    target=callback_url, attempts=attempt, cute="Ready to buzz! 🐝")
+                    target=callback_url, attempts=attempt, cute="Ready to buzz! 🐝",
+                    story="The worker told its hive that it was ready for work.")
                 return
             if permanent or trio.current_time() + delay > deadline:
                 say("callback_failed",

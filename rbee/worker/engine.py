@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence, Union
 
 from rbee.errors import BackendUnavailableError, BusyError, InvalidRequestError, ModelLoadError, RbeeError
 from rbee.requests import Message, SamplingParams
-from rbee.worker.native_lib import TokenSink, c_string, check, last_native_error, native
+from rbee.worker.native_lib import LoadProgressSink, TokenSink, c_string, check, last_native_error, native
 from rbee.worker.native_thread import EngineThread
 
 #: ``stop_reason`` values, indexed by ``rbee_stop_reason``.
@@ -51,6 +51,35 @@ Prompt = Union[str, Sequence[Message]]
 #: long as ~20 decode steps, so running streams keep flowing while a long prompt is
 #: evaluated, and the prompt throughput is within a few % of 512-token batches.
 DEFAULT_CHUNK = 256
+#: A model load reports its progress in these steps (percent of the weights' bytes).
+LOAD_PROGRESS_STEP = 10
+
+
+class LoadSteps:
+    """llama.cpp's load progress (a fraction per tensor) as fixed steps:
+    ``on_step(percent)`` once for each multiple of ``LOAD_PROGRESS_STEP`` the load passes,
+    10, 20, ... 100, in order, whatever the fractions (Gemma-3 270M's first tensor, the
+    token embedding, is 72% of its weights: 10 to 70 come together).
+
+    Steps rather than a clock: a sub-second load reports every step too, so what a user
+    (or a test) sees does not depend on the disk's speed. ``on_step`` returning False stops
+    the load (``stopped``).
+    """
+
+    def __init__(self, on_step: Callable[[int], bool | None]) -> None:
+        self.on_step = on_step
+        self.reported = 0
+        self.stopped = False
+
+    def report(self, fraction: float) -> bool:
+        """Report the steps up to ``fraction``; False once the load is to stop."""
+        # The fraction is a C float: 0.7 arrives as 0.69999998..., which is 70% all the same.
+        reached = min(100, int(fraction * 100 + 1e-3)) // LOAD_PROGRESS_STEP * LOAD_PROGRESS_STEP
+        while self.reported < reached and not self.stopped:
+            self.reported += LOAD_PROGRESS_STEP
+            if self.on_step(self.reported) is False:
+                self.stopped = True
+        return not self.stopped
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
@@ -246,10 +275,15 @@ class Engine:
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], *, backend: str = "cpu", device: int = 0, n_ctx: int = 4096,
              n_threads: int | None = None, n_gpu_layers: int = -1, n_slots: int = DEFAULT_SLOTS,
-             n_chunk: int = DEFAULT_CHUNK) -> Engine:
+             n_chunk: int = DEFAULT_CHUNK, on_progress: Callable[[int], bool | None] | None = None) -> Engine:
         """Load a GGUF (blocking). ``n_ctx`` is the tokens ONE stream may hold; the KV cache
         holds ``n_ctx × n_slots``. Fails fast, never falls back to the CPU:
-        ``BackendUnavailableError`` names what is available, ``ModelLoadError`` names the file."""
+        ``BackendUnavailableError`` names what is available, ``ModelLoadError`` names the file.
+
+        ``on_progress(percent)`` is called on the engine's thread with 10, 20, ... 100 as the
+        load passes each tenth of the weights' bytes (``LoadSteps``), every step even for a
+        sub-second load; returning False stops the load (``ModelLoadError``), and an
+        exception it raises stops it and is raised here."""
         path = Path(model_path).expanduser().resolve()
         available = available_backends()
         if backend not in available:
@@ -280,10 +314,24 @@ class Engine:
         # output matches it token for token.
         cparams.flash_attn = 0
 
+        steps = LoadSteps(on_progress) if on_progress is not None else None
+        progress = LoadProgressSink(steps.report) if steps is not None else None
+        if progress is not None:
+            mparams.progress = lib.rbee_py_on_load_progress
+
         def create() -> Engine:  # on the engine's own thread (see native_thread.py)
+            handle = ffi.new_handle(progress) if progress is not None else ffi.NULL
+            mparams.progress_user_data = handle  # the handle lives as long as this call
             try:
-                check(lib.rbee_model_load(str(path).encode(), mparams, model_out), f"cannot load model {path}",
-                      details={"path": str(path)})
+                status = lib.rbee_model_load(str(path).encode(), mparams, model_out)
+                if status != 0 and progress is not None and progress.error is not None:
+                    raise progress.error
+                if status != 0 and steps is not None and steps.stopped:
+                    raise ModelLoadError(f"loading {path} was stopped at {steps.reported}%",
+                                         details={"path": str(path)})
+                check(status, f"cannot load model {path}", details={"path": str(path)})
+                if steps is not None:
+                    steps.report(1.0)  # every weight is in: 100% even if llama.cpp never said 1.0
                 check(lib.rbee_context_create(model_out[0], cparams, context_out), "rbee_context_create")
                 engine = cls((model_out[0], context_out[0]), thread, model_path=path,
                              backend=backend, device=device, n_threads=threads)

@@ -122,9 +122,13 @@ async def run_inference(
                 target=request.job_id, max_tokens=request.max_tokens,
                 temperature=request.temperature, chat=request.chat,
                 messages=None if request.messages is None else len(request.messages),
-                response_format=None if request.response_format is None else request.response_format.get("type"))
+                response_format=None if request.response_format is None else request.response_format.get("type"),
+                cute=f"A new question for {state.config.worker_id}! 💬",
+                story=f"A prompt arrived at {state.config.worker_id}, asking for {limit}.")
             say("tokenize", f"Tokenized the prompt: {prompt_tokens} tokens",
-                prompt_tokens=prompt_tokens)
+                prompt_tokens=prompt_tokens,
+                cute=f"Sliced the prompt into {prompt_tokens} tasty tokens!",
+                story=f"The worker cut the prompt into {prompt_tokens} tokens.")
             try:
                 with job.cancel_scope:
                     async with open_generation(
@@ -132,7 +136,8 @@ async def run_inference(
                         cache_prompt=request.cache_prompt, grammar=request.grammar,
                     ) as generation:
                         say("inference_start", f"Generating {limit}",
-                            cute="Thinking hard! 🐝")
+                            cute="Thinking hard! 🐝",
+                            story="The worker began to think, one token after another.")
                         task_status.started()
                         started = True
                         async for token in generation:
@@ -208,7 +213,8 @@ def _finish(
         tokens_out=sent, tokens_generated=int(result.tokens_out) if result is not None else sent,
         decode_time_ms=round(decode_ms, 3),
         tokens_per_sec=round(tokens_per_sec, 3), stop_reason=stop_reason,
-        cute="All done! 🍯")
+        cute="All done! 🍯",
+        story=f"The worker fell quiet after {sent} tokens ({stop_reason.replace('_', ' ')}).")
     cached = int(result.prompt_tokens_cached) if result is not None else 0
     _put(send, Metrics(
         prompt_tokens=int(result.prompt_tokens) if result is not None else prompt_tokens,

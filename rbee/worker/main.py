@@ -157,7 +157,7 @@ def run(config: WorkerConfig) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the signal handler was installed
         say("exiting", "Interrupted during startup", exit_code=130)
         return 130
-    say("exiting", "Exiting", exit_code=EXIT_OK, cute="Bye! 🐝")
+    say("exiting", "Exiting", exit_code=EXIT_OK, cute="Bye! 🐝", story="And the worker went to sleep. 💤")
     return EXIT_OK
 
 

@@ -89,8 +89,24 @@ class TokenSink:
         self.error: BaseException | None = None
 
 
+class LoadProgressSink:
+    """What ``rbee_model_params.progress_user_data`` points at during one model load.
+
+    ``report(fraction)`` runs on the loading thread for each of llama.cpp's progress calls
+    (the share of the weights' bytes read, 0..1) and returns False to stop the load. An
+    exception there must not unwind through C: it is kept here, the load is stopped, and
+    the caller re-raises it once ``rbee_model_load`` has returned.
+    """
+
+    __slots__ = ("report", "error")
+
+    def __init__(self, report: Callable[[float], bool]) -> None:
+        self.report = report
+        self.error: BaseException | None = None
+
+
 def _register_callback(module: ModuleType) -> None:
-    """Attach the Python body of the C ``extern "Python"`` token callback (once per process)."""
+    """Attach the Python bodies of the C ``extern "Python"`` callbacks (once per process)."""
     ffi = module.ffi
 
     def on_error(exc_type: type, exc: BaseException, tb: object) -> None:
@@ -107,3 +123,12 @@ def _register_callback(module: ModuleType) -> None:
             sink.error = exc
             return 1
         return 0
+
+    @ffi.def_extern(onerror=on_error, error=False)
+    def rbee_py_on_load_progress(progress: float, user_data: Any) -> bool:
+        sink: LoadProgressSink = ffi.from_handle(user_data)
+        try:
+            return bool(sink.report(progress))
+        except BaseException as exc:  # re-raised by the caller once C has returned
+            sink.error = exc
+            return False

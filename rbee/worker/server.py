@@ -28,6 +28,7 @@ import trio
 from ..errors import BackendUnavailableError, BindFailedError, ModelLoadError, RbeeError, ShuttingDownError, WorkerError
 from ..http_common import hypercorn_config
 from ..narration import Loading
+from ..narration.render import LOADER_ACTOR
 from .app import create_app
 from .callback import callback_body, post_ready_callback
 from .config import WorkerConfig
@@ -90,7 +91,8 @@ async def serve(config: WorkerConfig, *, task_status: trio.TaskStatus[str] = tri
     with shutdown_signals() as signals:
         say("startup", f"Starting worker {config.worker_id} for {config.effective_model_ref} "
             f"on {config.backend}:{config.device}", pid=os.getpid(), backend=config.backend,
-            device=config.device, cute="Waking up! 🐝")
+            device=config.device, cute="Waking up! 🐝",
+            story=f"Worker {config.worker_id} woke up to serve {config.effective_model_ref}.")
         check_backend(config, say)
         size = check_model_file(config, say)
         state = WorkerState(config)
@@ -149,7 +151,7 @@ async def _run(state: WorkerState, say: Narrator, size: int, signals: AsyncItera
         state.begin_stopping()
         reason = "the worker failed" if failure is not None else "shutdown requested"
         say("server_shutdown", f"Shutting down ({reason}): stopping the running job and the HTTP server",
-            cute="Time to rest! 🐝")
+            cute="Time to rest! 🐝", story=f"The worker put its work down ({reason}).")
         jobs = list(state.jobs.values())
         cause = state.stop_error or failure or ShuttingDownError(
             f"worker {state.config.worker_id} shut down in the middle of the job")
@@ -176,20 +178,46 @@ async def _load_model(state: WorkerState, say: Narrator, size: int) -> None:
     say("device_init", f"Using backend {config.backend} device {config.device} with {threads} threads",
         backend=config.backend, device=config.device, threads=threads)
     path = Path(config.model_path)
-    say("model_load", f"Loading {path.name} ({size / 1e6:.0f} MB, context {config.ctx_size} "
-        f"x {config.parallel} slots)", target=str(path), phase="start", bytes_total=size,
-        parallel=config.parallel)
+    loader = Narrator(config.worker_id, actor=LOADER_ACTOR)
+    megabytes = f"{size / 1e6:.0f} MB"
+    loader("model_load", f"Loading model from {path} ({megabytes}, context {config.ctx_size} "
+           f"x {config.parallel} slots)", target=str(path), phase="start", bytes_total=size,
+           parallel=config.parallel,
+           cute=f"Unpacking {path.name}: {megabytes} of brains for {config.worker_id}! 🧠",
+           story=f"The loader opened {path.name} and began to read its {megabytes} of weights.")
     state.set_progress(Loading(stage="loading", bytes_done=0, bytes_total=size))
     started = time.monotonic()
+    token = trio.lowlevel.current_trio_token()
+
+    def step(percent: int) -> bool:  # on this (Trio) thread: one 10% step of the load
+        if state.stopping or state.shutdown_requested.is_set():
+            return False  # a shutdown stops the load at its next step
+        done = -(-size * percent // 100)  # rounded up, so that a bar reads 10%, not 9%
+        elapsed = time.monotonic() - started
+        state.set_progress(Loading(stage="loading", bytes_done=done, bytes_total=size))
+        loader("model_load", f"Loading {path.name}: {percent}% ({done / 1e6:.0f} of {megabytes})",
+               target=str(path), phase="progress", percent=percent, bytes_done=done, bytes_total=size,
+               bytes_per_sec=round(done / elapsed) if elapsed > 0 else None,
+               cute=f"Nom nom: {percent}% of the weights munched! 🍯",
+               story=f"Page by page the loader read on: {percent}% of the weights were in.")
+        return True
+
+    def on_progress(percent: int) -> bool:  # on the engine's thread, which waits for the step
+        try:
+            return trio.from_thread.run_sync(step, percent, trio_token=token)
+        except trio.RunFinishedError:
+            return False  # the worker is gone: stop reading
+
     load = functools.partial(Engine.load, path, backend=config.backend, device=config.device,
-                             n_ctx=config.ctx_size, n_threads=threads, n_slots=config.parallel)
+                             n_ctx=config.ctx_size, n_threads=threads, n_slots=config.parallel,
+                             on_progress=on_progress)
     try:
-        # The load cannot be interrupted inside llama.cpp; a SIGTERM during it abandons the
-        # thread (it touches nothing shared) and the process exits.
+        # A SIGTERM during the load abandons the thread at once; the load itself stops at
+        # its next progress step (it touches nothing shared) and the process exits.
         engine = await trio.to_thread.run_sync(load, abandon_on_cancel=True)
     except RbeeError as exc:
-        say("model_load", f"Cannot load the model: {exc.message}", level="error",
-            target=str(path), phase="failed", error_code=exc.code)
+        loader("model_load", f"Cannot load the model: {exc.message}", level="error",
+               target=str(path), phase="failed", error_code=exc.code)
         state.set_failed(exc)
         raise
     duration_ms = round((time.monotonic() - started) * 1000, 1)
@@ -197,11 +225,15 @@ async def _load_model(state: WorkerState, say: Narrator, size: int) -> None:
     state.set_progress(Loading(stage="loaded", layers_done=layers, layers_total=layers,
                                bytes_done=size, bytes_total=size))
     state.set_loaded(engine)
-    say("model_load", f"Loaded {engine.description} in {duration_ms:.0f} ms: {layers} layers, "
-        f"{engine.size_bytes / 1e6:.0f} MB, context {engine.n_ctx}, {engine.n_slots} slots", target=str(path),
-        phase="done", duration_ms=duration_ms, size_bytes=engine.size_bytes, n_layers=layers, n_ctx=engine.n_ctx,
-        parallel=engine.n_slots,
-        cute="Brain loaded! 🧠")
+    memory = "RAM" if engine.backend == "cpu" else "VRAM"
+    in_memory = f"{engine.size_bytes / 1e6:.0f} MB"
+    loader("model_load", f"Model loaded! {engine.description}, {in_memory} in {memory} in {duration_ms:.0f} ms: "
+           f"{layers} layers, context {engine.n_ctx} x {engine.n_slots} slots", target=str(path),
+           phase="done", duration_ms=duration_ms, size_bytes=engine.size_bytes, n_layers=layers, n_ctx=engine.n_ctx,
+           parallel=engine.n_slots,
+           cute=f"Model loaded! {in_memory} cozy in {memory}!",
+           story=f"At last the model lay ready: {layers} layers resting in {memory}, "
+                 f"{engine.n_slots} slots waiting for questions.")
 
 
 async def _call_back(state: WorkerState, say: Narrator) -> None:

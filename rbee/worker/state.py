@@ -72,7 +72,9 @@ class WorkerState:
         self.engine: Engine | None = None
         self.failure: RbeeError | None = None
         self.url: str | None = None
-        self.progress = Loading(stage="starting")
+        #: Every step of the model load so far, in order (the progress streams send each
+        #: one, however fast they came: a sub-second load still shows its 10% steps).
+        self.progress_steps: list[Loading] = [Loading(stage="starting")]
         #: The jobs holding a slot, by job id (at most ``config.parallel``).
         self.jobs: dict[str, Job] = {}
         self.stopping = False
@@ -121,9 +123,14 @@ class WorkerState:
         self._changed.set()
         self._changed = trio.Event()
 
+    @property
+    def progress(self) -> Loading:
+        """How far the model load has got (its latest step)."""
+        return self.progress_steps[-1]
+
     def set_progress(self, progress: Loading) -> None:
-        """Publish a new load progress to the progress streams."""
-        self.progress = progress
+        """Publish a new load step to the progress streams."""
+        self.progress_steps.append(progress)
         self._notify()
 
     def set_loaded(self, engine: Engine) -> None:

@@ -52,11 +52,11 @@ def wait_until_worker_ready(proc: RbeeProcess) -> None:
 
 
 def summary(lines: list[str]) -> dict:
-    """The keeper's job_summary narration (from --narration json output)."""
+    """The keeper's summary: its job_complete narration (from --narration json output)."""
     for line in lines:
-        if line.startswith("{") and '"job_summary"' in line:
+        if line.startswith("{") and '"job_complete"' in line:
             return json.loads(line)
-    raise AssertionError("no job_summary line:\n" + "\n".join(lines))
+    raise AssertionError("no job_complete line:\n" + "\n".join(lines))
 
 
 def json_events(lines: list[str]) -> list[dict]:
@@ -101,9 +101,10 @@ def test_test001_over_ssh(rbee_home: Path, sshd_server) -> None:
         "--ssh-user", s.user, "--ssh-key", str(s.key_path), "--rbee-hive-command", hive_command,
     )
     assert add.wait(120) == 0, add.stderr_text()
-    listed = keeper(rbee_home, "setup", "list-nodes")
+    listed = keeper(rbee_home, "setup", "list-nodes", "--json")
     assert listed.wait(60) == 0
-    assert any(line.startswith("blep\t") and str(s.port) in line for line in listed.stdout_lines)
+    nodes = json.loads("\n".join(listed.stdout_lines))["nodes"]
+    assert any(n["name"] == "blep" and n["ssh_port"] == s.port for n in nodes), nodes
 
     proc = keeper(rbee_home, *infer_args("blep", 20, "--temperature", "0.7"))
     assert proc.wait(600) == 0, proc.stderr_text()
@@ -139,8 +140,8 @@ def test_persistent_mode_reuses_the_worker_and_ctrl_c_leaves_it_idle(rbee_home: 
     record = json.loads((rbee_home / "queen.json").read_text())
     assert record["url"] == url
     try:
-        status = keeper(rbee_home, "queen", "status", queen_url=url)
-        assert status.wait(60) == 0 and json.loads(status.stdout_lines[-1])["running"]
+        status = keeper(rbee_home, "queen", "status", "--json", queen_url=url)
+        assert status.wait(60) == 0 and json.loads("\n".join(status.stdout_lines))["running"]
 
         first = keeper(rbee_home, *infer_args("localhost", 8, "--narration", "json"), queen_url=url)
         assert first.wait(600) == 0, first.stderr_text()
@@ -148,7 +149,7 @@ def test_persistent_mode_reuses_the_worker_and_ctrl_c_leaves_it_idle(rbee_home: 
         assert second.wait(600) == 0, second.stderr_text()
         one, two = json_events(first.stderr_lines), json_events(second.stderr_lines)
         # The first run loaded a model; the second reused that worker and loaded nothing.
-        assert any(e.get("actor") == "llm-worker-rbee" and "load" in e.get("action", "") for e in one)
+        assert any(e.get("actor") == "model-loader" and e.get("action") == "model_load" for e in one)
         assert not any("load" in e.get("action", "") for e in two)
         # No spawn asked: a free slot of the loaded worker was leased at once.
         assert not [e for e in two if e.get("action") == "infer_schedule"]
@@ -198,3 +199,15 @@ def test_a_second_ctrl_c_ends_what_is_left_at_once(rbee_home: Path) -> None:
     assert "Cancelled." in proc.stderr_lines
     # The queen was killed; its hive got SIGTERM through PR_SET_PDEATHSIG, and so on down.
     assert not wait_no_rbee_processes(rbee_home, 5)
+
+
+def test_ctrl_c_on_the_first_loading_event_is_cancelled_and_leaves_nothing(rbee_home: Path) -> None:
+    proc = keeper(rbee_home, *infer_args("localhost", 20, "--narration", "json"))
+    deadline = time.monotonic() + 600
+    while not any(e.get("action") == "model_load" and e.get("phase") == "progress" for e in json_events(proc.stderr_lines)):
+        assert proc.proc.poll() is None and time.monotonic() < deadline, proc.stderr_text()
+        time.sleep(0.01)
+    proc.signal(signal.SIGINT)
+    assert proc.wait(30) == 130, proc.stderr_text()
+    assert "Cancelled." in proc.stderr_lines and "Traceback" not in proc.stderr_text()
+    assert not wait_no_rbee_processes(rbee_home, 10)

@@ -1,4 +1,8 @@
-"""The keeper's renderer: lines per mode, emojis, progress bars; pure (returns strings)."""
+"""The keeper's renderer: lines per mode, emojis, progress bars; pure (returns strings).
+
+Every line's actor is a real component: the typed events that carry none are rendered as
+the component that sends them, never as ``[end]``, ``[error]``, ``[loading]``...
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from rbee.narration.events import (
     Loading,
     Metrics,
     NarrationEvent,
+    Prefill,
     Ready,
     Started,
     Token,
@@ -51,20 +56,28 @@ PLAIN = NarrationEvent("queen-rbee", "job_submit", human="Job accepted")
             "[w] ⚠️ slow disk",
         ),
         ("human", NarrationEvent("w", "model_load", human="Loading"), "[w] ⏳ Loading"),
+        # The seeds' emoji for the model load's start and end.
+        ("human", NarrationEvent("model-loader", "model_load", human="Loading model", extra={"phase": "start"}),
+         "[model-loader] 📦 Loading model"),
+        ("human", NarrationEvent("model-loader", "model_load", human="Model loaded!", extra={"phase": "done"}),
+         "[model-loader] 🛏️ Model loaded!"),
+        ("human", NarrationEvent("llm-worker-rbee", "startup", human="Starting"), "[llm-worker-rbee] 🌅 Starting"),
         ("human", NarrationEvent("w", "server_bind", human="Listening"), "[w] 🔌 Listening"),
         ("human", NarrationEvent("w", "x", human="noise", level="debug"), None),
         (
             "human",
             Error("model_load_failed", "no such file"),
-            "[error] ❌ model_load_failed: no such file",
+            "[queen-rbee] ❌ model_load_failed: no such file",
         ),
-        ("quiet", Error("busy", "try later"), "[error] ❌ busy: try later"),
-        ("human", End(10, 250.0, 40.0, "eos"), "[end] 🏁 10 tokens in 0.25 s (40.0 tok/s), eos"),
+        ("quiet", Error("busy", "try later"), "[queen-rbee] ❌ busy: try later"),
+        # The keeper's summary line says what `end` says: no `[end]` line.
+        ("human", End(10, 250.0, 40.0, "eos"), None),
         (
             "human",
             Ready(worker_id="w1", url="http://127.0.0.1:9300"),
-            "[w1] ✅ ready at http://127.0.0.1:9300",
+            "[llm-worker-rbee] ✅ w1 is ready at http://127.0.0.1:9300",
         ),
+        ("human", Prefill(256, 1024), "[llm-worker-rbee] ⏳ prompt [##--------] 256/1024 tokens"),
         ("human", Token("hi", 0), None),
         ("human", DONE, None),
         ("human", Started(), None),
@@ -139,15 +152,51 @@ def test_unknown_total_shows_bytes_only_and_layers_show_a_bar():
     assert renderer.render(layers) == "[llm-worker-rbee] ⏳ gemma [#####-----] 9/18 layers"
 
 
-def test_loading_events_render_as_bars():
+def test_loading_events_render_as_bars_of_the_model_loader():
     renderer = NarrationRenderer("human")
-    assert renderer.render(Loading("model", layers_done=18, layers_total=18)) == (
-        "[loading] ⏳ model [##########] 18/18 layers"
+    assert renderer.render(Loading("loaded", layers_done=18, layers_total=18)) == (
+        "[model-loader] 📦 loaded [##########] 18/18 layers"
     )
-    assert renderer.render(Loading("download", bytes_done=1_000_000, bytes_total=4_000_000)) == (
-        "[loading] ⬇ download [##--------] 25% 1.0/4.0 MB"
+    assert renderer.render(Loading("loading", bytes_done=1_000_000, bytes_total=4_000_000)) == (
+        "[model-loader] 📦 loading [##--------] 25% 1.0/4.0 MB"
     )
-    assert renderer.render(Loading()) == "[loading] ⏳ model"
+    assert renderer.render(Loading()) == "[model-loader] 📦 model"
+
+
+def test_a_load_progress_step_is_a_bar_named_by_the_file_not_its_path():
+    step = NarrationEvent("model-loader", "model_load", target="/models/gemma.gguf", human="Loading gemma.gguf: 50%",
+                          extra={"phase": "progress", "bytes_done": 100_000_000, "bytes_total": 200_000_000,
+                                 "bytes_per_sec": 400_000_000})
+    assert NarrationRenderer("story").render(step) == (
+        "[model-loader] 📦 gemma.gguf [#####-----] 50% 100.0/200.0 MB 400.0 MB/s"
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "event", "bar"),
+    [
+        ("human", NarrationEvent("p", "download_progress", extra={"bytes_done": 1, "bytes_total": 2}), True),
+        ("cute", NarrationEvent("p", "model_load", extra={"layers_done": 1, "layers_total": 2}), True),
+        ("human", Prefill(1, 2), True),
+        ("human", Loading("loading", bytes_done=0, bytes_total=2), True),
+        # A start line carries the total only: it is a line, not a bar.
+        ("human", NarrationEvent("p", "model_load", extra={"bytes_total": 2}), False),
+        ("human", Loading("starting"), False),
+        # A warning or an error with figures is said in words.
+        ("human", NarrationEvent("p", "download_progress", level="warn", extra={"bytes_done": 1}), False),
+        ("human", NarrationEvent("p", "x", human="noise", level="debug", extra={"bytes_done": 1}), False),
+        ("json", NarrationEvent("p", "download_progress", extra={"bytes_done": 1, "bytes_total": 2}), False),
+        ("quiet", Prefill(1, 2), False),
+        ("human", End(1, 1.0, 1.0, "eos"), False),
+    ],
+)
+def test_draws_bar_says_which_lines_are_bars(mode, event, bar):
+    assert NarrationRenderer(mode).draws_bar(event) is bar
+
+
+def test_a_warning_with_figures_is_a_line_of_words():
+    event = NarrationEvent("p", "download_progress", human="slow: 1 MB/s", level="warn", extra={"bytes_done": 1})
+    assert NarrationRenderer("human").render(event) == "[p] ⚠️ slow: 1 MB/s"
 
 
 def test_helpers():
@@ -170,3 +219,8 @@ def test_any_event_renders_to_one_line_or_nothing_in_every_mode(event):
         assert line is None or isinstance(line, str)
         if mode == "json" and line is not None:
             assert "\n" not in line
+        if mode != "json" and line is not None:
+            # No pseudo-actor: a narration's own actor, else the component that sends it.
+            actor = event.actor if isinstance(event, NarrationEvent) else None
+            assert line.startswith(f"[{actor}] ") if actor is not None else line.startswith(
+                ("[llm-worker-rbee] ", "[model-loader] ", "[queen-rbee] ")), line
