@@ -358,21 +358,22 @@ class InferJob:
         stall_deadline = math.inf
         chunks = response.aiter_raw()
         while True:
-            with trio.move_on_at(stall_deadline):
+            with trio.move_on_at(stall_deadline) as waiting:
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-            if trio.current_time() >= stall_deadline:
+            if waiting.cancelled_caught:
                 self._kill_stalled(hive, worker)
                 raise WorkerStalledError(f"{where} stalled for {self.stall_timeout_s:g} s: no token and no "
                                          "prefill progress (--stall-timeout); the worker is being killed")
+            now = trio.current_time()  # once per chunk: a chunk holds many tokens
             for event in decoder.feed(chunk):
                 kind = type(event)
                 if kind is Token or kind is Prefill:
-                    stall_deadline = trio.current_time() + self.stall_timeout_s
+                    stall_deadline = now + self.stall_timeout_s
                     if kind is Token and first_token_s is None:
-                        first_token_s = trio.current_time() - started_at
+                        first_token_s = now - started_at
                 elif kind is Done:
                     if end is None:
                         raise WorkerLostError(f"{where} ended the job's stream without an end event")
@@ -385,8 +386,8 @@ class InferJob:
                 elif kind is End:
                     end = event
                 elif kind is Started:
-                    started_at = trio.current_time()
-                    stall_deadline = started_at + self.stall_timeout_s
+                    started_at = now
+                    stall_deadline = now + self.stall_timeout_s
                 job.sink(event)
         raise WorkerLostError(f"{where} was lost in the middle of the job: its stream stopped without [DONE]")
 

@@ -80,5 +80,7 @@ async def watch_signals(signals: AsyncIterator[int] | None, state: WorkerState, 
         if not state.shutdown_requested.is_set():
             say("signal_received", f"Received {name}: shutting down", signal=name)
         if state.stop_error is None and state.jobs:  # the cause matters only to a running job
-            state.request_shutdown(await stop_cause(name, state.config.worker_id, parent_pid))
-        state.request_shutdown(ShuttingDownError(f"worker {state.config.worker_id} was stopped ({name})"))
+            cause = await stop_cause(name, state.config.worker_id, parent_pid)
+        else:
+            cause = ShuttingDownError(f"worker {state.config.worker_id} was stopped ({name})")
+        state.request_shutdown(cause)  # the first cause wins
