@@ -103,6 +103,13 @@ class RequestTimeoutError(InvalidRequestError):
     http_status = 408
 
 
+class NodeExistsError(InvalidRequestError):
+    """``add-node`` for a name, or an SSH host and port, that a node already has."""
+
+    code = "node_exists"
+    http_status = 409
+
+
 class JobExistsError(InvalidRequestError):
     """A request reused the ``job_id`` of a stream that still runs here."""
 
@@ -346,7 +353,7 @@ class StateError(RbeeError):
 ERRORS: dict[str, type[RbeeError]] = {cls.code: cls for cls in (
     InternalError,
     InvalidRequestError, BackendUnavailableError, MethodNotAllowedError, PayloadTooLargeError,
-    HeadersTooLargeError, RequestTimeoutError, JobExistsError,
+    HeadersTooLargeError, RequestTimeoutError, JobExistsError, NodeExistsError,
     AuthError,
     NotFoundError, ModelNotFoundError,
     ModelError, ModelLoadError, ProvisionError, ChecksumMismatchError, PreflightError, ModelInUseError,

@@ -285,6 +285,14 @@ def _slots() -> dict[str, Any]:
                    ["total", "busy"])
 
 
+def _device() -> dict[str, Any]:
+    """One device of a node, as ``rbee-hive detect`` lists it (the hive's ``Detect``, the
+    queen's ``NodeStatus``)."""
+    return _object({"backend": {"type": "string"}, "index": {"type": "integer"}, "name": {"type": "string"},
+                    "memory_total_bytes": {"type": ["integer", "null"]},
+                    "memory_free_bytes": {"type": ["integer", "null"]}}, ["backend", "index"])
+
+
 def _model_field(description: str = f"Model reference: {ACCEPTED_FORMS}.") -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "description": description}
 
@@ -386,15 +394,13 @@ def hive_routes() -> tuple[list[Route], dict[str, Any]]:
     worker["properties"]["api_key"] = {"type": ["string", "null"],
                                        "description": "The worker's key, for the hive's caller to call it directly."}
     worker["required"] += ["slots", "api_key"]
-    device = {"backend": {"type": "string"}, "index": {"type": "integer"}, "name": {"type": "string"},
-              "memory_total_bytes": {"type": ["integer", "null"]}, "memory_free_bytes": {"type": ["integer", "null"]}}
     schemas = {
         "HiveHealth": _object({"status": {"const": "ok"}, "hostname": {"type": ["string", "null"]},
                                "workers": {"type": "integer", "minimum": 0},
                                "rbee_version": {"type": ["string", "null"]}},
                               ["status", "hostname", "workers", "rbee_version"]),
         "Detect": _object({"hostname": {"type": "string"}, "backends": {"type": "array", "items": {"enum": list(BACKENDS)}},
-                           "devices": {"type": "array", "items": _object(device, ["backend", "index"])},
+                           "devices": {"type": "array", "items": _device()},
                            "disk_free_bytes": {"type": "integer"}, "rbee_version": {"type": "string"}},
                           ["hostname", "backends", "devices"], "What `rbee-hive detect` measured at start."),
         "HiveWorker": worker,
@@ -568,6 +574,7 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
     """The queen's routes (rbee's and OpenAI's) and its own component schemas."""
     from .hive.catalog import CatalogEntry
     from .queen.nodes import DEFAULT_HIVE_COMMAND, LOCALHOST, Node
+    from .queen.status import HIVE_ANSWER_S
 
     infer = _without_meta(json_schema(InferRequest))
     detach = {"type": ["boolean", "null"], "default": False,
@@ -594,6 +601,26 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
         "device": {"type": "integer"}, "state": {"type": "string"}, "slots": _slots(),
         "memory_bytes": {"type": "integer"}, "unload_in_s": {"type": ["number", "null"]}, "url": {"type": "string"},
     }, ["worker_id", "node", "model", "model_ref", "backend", "device", "state", "slots", "url"])
+    node_status = _object({
+        "name": {"type": "string"},
+        "local": {"type": "boolean", "description": "The built-in localhost (its hive is the queen's child)."},
+        "reachable": {"type": ["boolean", "null"],
+                      "description": "true: its hive answered just now; false: the queen cannot reach it "
+                                     "(unreachable_reason says why); null: no hive has run there yet."},
+        "unreachable_reason": {"type": ["string", "null"]},
+        "hive_up": {"type": "boolean", "description": "A hive runs there now (none is started to answer)."},
+        "hive_error": {"type": ["string", "null"], "description": "Why its running hive did not answer."},
+        "facts_from": {"enum": ["hive", "registry", None],
+                       "description": "hive: measured when its hive started; registry: when the node was added; "
+                                      "null: not known yet."},
+        "backends": {"type": "array", "items": {"type": "string"}},
+        "devices": {"type": "array", "items": _device()},
+        "memory_free_bytes": {"type": ["integer", "null"], "description": "Free RAM (its cpu device's)."},
+        "workers": {"type": "array", "items": ref("QueenWorker")},
+        "models": {"type": ["array", "null"], "items": ref("CatalogEntry"),
+                   "description": "Its hive's catalog; null when no hive runs there or it did not answer."},
+    }, ["name", "local", "reachable", "unreachable_reason", "hive_up", "hive_error", "facts_from", "backends",
+        "devices", "memory_free_bytes", "workers", "models"])
     job = _object({"job_id": {"type": "string"}, "operation": {"enum": ["infer", "download"]},
                    "state": {"type": "string"}, "detach": {"type": "boolean"}},
                   ["job_id", "operation", "state", "detach"])
@@ -618,6 +645,9 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
         "NodeRequest": node_request,
         "NodeRemoved": _object({"removed": {"type": "string"}}, ["removed"]),
         "QueenWorker": queen_worker,
+        "NodeStatus": node_status,
+        "ClusterStatus": _object({"nodes": {"type": "array", "items": ref("NodeStatus")}}, ["nodes"],
+                                 "Every node of the registry, localhost first."),
         "QueenWorkers": _object({"workers": {"type": "array", "items": ref("QueenWorker")}}, ["workers"]),
         "WorkersShutdownRequest": _object({"node": {"type": ["string", "null"]},
                                            "worker_id": {"type": ["string", "null"]}}, [],
@@ -649,8 +679,13 @@ def queen_routes() -> tuple[list[Route], dict[str, Any]]:
         Route("delete", "/v1/jobs/{job_id}", "Cancel a job", "JobCancelled", errors=(404,), params=job_id),
         Route("get", "/v1/nodes", "The node registry", "Nodes"),
         Route("post", "/v1/nodes", "Add a node (tests SSH first)", "Node", ok=201, body="NodeRequest",
-              errors=(400, 422, 502)),
+              errors=(400, 409, 422, 502),
+              description="409 node_exists: the name, or the SSH host and port, is a node already."),
         Route("delete", "/v1/nodes/{name}", "Remove a node", "NodeRemoved", errors=(400, 404), params=node),
+        Route("get", "/v1/status", "The cluster at a glance: per node its reachability, hive, devices, workers "
+              "and models", "ClusterStatus",
+              description=f"Running hives are asked in parallel (each within {HIVE_ANSWER_S:g} s); nothing is "
+                          "started to answer."),
         Route("get", "/v1/workers", "The scheduler's workers", "QueenWorkers"),
         Route("get", "/metrics", "Prometheus metrics", "Metrics",
               answer_types=("text/plain", "application/openmetrics-text")),

@@ -2,8 +2,16 @@
 
 One row per model file, keyed by its canonical reference (``hf:org/repo/file.gguf``,
 ``file:/abs/path.gguf``, ``gemma3-270m``), with provider, file name, local path, size,
-sha256, when it was downloaded and last used. A row is only ever written for a file whose
-sha256 was checked: the catalog never holds a partial or unverified file.
+sha256, the file's mtime (ns) when it was verified, when it was downloaded and last used.
+A row is only ever written for a file whose sha256 was checked: the catalog never holds a
+partial or unverified file.
+
+The trust rule: a row is trusted, and its file never hashed again, while the file has the
+catalogued size and mtime (``CatalogEntry.change_on_disk``: a stat, no reading). A file
+that changed either is no longer trusted: its row is dropped and the file verified again
+on its next use (``Provisioner.catalogued``). A row from before schema 3 has no mtime: it
+is trusted on its size, as it was then, and the mtime seen at that use is recorded
+(``record_mtime``), so that later changes are seen.
 
 ``model_aliases`` maps what a user asked for (``hf:org/repo``, ``hf:org/repo:Q4_K_M``) to
 the canonical reference it resolved to, so that the second spawn of ``hf:org/repo`` finds
@@ -24,6 +32,7 @@ opened or written (read-only or full ``RBEE_HOME``) is a ``StateError`` naming t
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -35,6 +44,8 @@ from ..paths import ensure_dir, set_aside, sqlite_is_corrupt, sqlite_state_error
 
 #: How long a connection waits for another writer's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 10_000
+#: ``CatalogEntry.change_on_disk`` of a file that is not there any more.
+GONE = "gone"
 
 #: Migration N (1-based) takes the schema from user_version N-1 to N.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -57,6 +68,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             alias TEXT PRIMARY KEY,
             reference TEXT NOT NULL REFERENCES models(reference) ON DELETE CASCADE
         )""",
+    ),
+    (
+        # v3: the file's st_mtime_ns when its sha256 was verified (see the trust rule).
+        "ALTER TABLE models ADD COLUMN mtime_ns INTEGER",
     ),
 )
 
@@ -81,17 +96,30 @@ class CatalogEntry:
     downloaded_at: str
     last_used: str | None = None
     revision: str | None = None
+    #: The file's ``st_mtime_ns`` when its sha256 was verified (None: a row from before schema 3).
+    mtime_ns: int | None = None
 
     def public(self) -> dict[str, object]:
         """The JSON form of ``GET /v1/models``."""
         return asdict(self)
 
-    def file_present(self) -> bool:
-        """The file is still on disk with the catalogued size (a cheap check, no hashing)."""
+    def change_on_disk(self) -> str | None:
+        """How the file differs from the row, in words (``GONE`` when it is not there any
+        more), or None while the row can be trusted: same size, and same mtime when the row
+        has one. A stat, no hashing."""
         try:
-            return Path(self.local_path).stat().st_size == self.size
+            seen = os.stat(self.local_path)
         except OSError:
-            return False
+            return GONE
+        if seen.st_size != self.size:
+            return f"its size is {seen.st_size} bytes, not {self.size}"
+        if self.mtime_ns is not None and seen.st_mtime_ns != self.mtime_ns:
+            return "its mtime changed"
+        return None
+
+    def file_present(self) -> bool:
+        """The file is on disk as it was verified (``change_on_disk`` finds nothing)."""
+        return self.change_on_disk() is None
 
 
 class ModelCatalog:
@@ -176,6 +204,13 @@ class ModelCatalog:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM models ORDER BY reference").fetchall()
         return [CatalogEntry(**dict(row)) for row in rows]
+
+    def record_mtime(self, reference: str, mtime_ns: int) -> None:
+        """Record the mtime of a row from before schema 3, trusted on its size (see the
+        module's trust rule); a row that has one keeps it."""
+        with self._connect() as db:
+            db.execute("UPDATE models SET mtime_ns = ? WHERE reference = ? AND mtime_ns IS NULL",
+                       (mtime_ns, reference))
 
     def touch(self, reference: str) -> None:
         """Record that a worker was started with this model now."""

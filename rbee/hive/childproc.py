@@ -115,3 +115,58 @@ def sweep_stale_workers(directory: Path) -> list[tuple[str, int, str]]:
         swept.append((worker_id, pid, outcome))
         path.unlink(missing_ok=True)
     return swept
+
+
+#: How long a stale hive gets to stop its workers after SIGTERM before SIGKILL.
+STALE_HIVE_GRACE_S = 10.0
+
+
+def hive_pid_file(run_dir: Path) -> Path:
+    """``$RBEE_HOME/run/hive.pid``: the hive that runs on this RBEE_HOME now (JSON)."""
+    return run_dir / "hive.pid"
+
+
+def record_hive(run_dir: Path) -> None:
+    """Write this process as the hive of ``run_dir`` (atomically: a reader never sees half)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = hive_pid_file(run_dir)
+    tmp = path.with_name(f".hive.pid.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "started_at": time.time()}))
+    os.replace(tmp, path)
+
+
+def forget_hive(run_dir: Path) -> None:
+    """Remove the hive record if it is still ours (a newer hive may have replaced it)."""
+    path = hive_pid_file(run_dir)
+    try:
+        if int(json.loads(path.read_text())["pid"]) == os.getpid():
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
+def stop_stale_hive(run_dir: Path, grace_s: float = STALE_HIVE_GRACE_S) -> tuple[int, str] | None:
+    """End the live ``rbee-hive`` recorded in ``run_dir`` (not us); returns (pid, outcome).
+
+    It is a hive whose queen lost the node (its link went down): it has not yet noticed
+    that its heartbeat stopped. SIGTERM lets it stop its workers; SIGKILL after
+    ``grace_s`` (its workers then die of their parent-death signal). None when no live
+    hive is recorded. A recorded PID that now runs something else is left alone.
+    """
+    try:
+        pid = int(json.loads(hive_pid_file(run_dir).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid() or not is_hive(pid):
+        return None
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return pid, "already gone"
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid) and is_hive(pid):
+        os.kill(pid, signal.SIGKILL)
+        return pid, "killed"
+    return pid, "stopped with its workers"

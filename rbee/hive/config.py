@@ -67,6 +67,13 @@ class HiveConfig:
     api_token: str | None = None
     #: Shut down on EOF of standard input (the SSH session or parent that started us left).
     watch_stdin: bool = False
+    #: With ``watch_stdin``: shut down when nothing (the queen's heartbeat lines) arrives on
+    #: standard input for this long; 0: only EOF counts. A node cut off the network gets no
+    #: EOF for minutes (sshd keeps a dead session open), so a remote hive needs this.
+    heartbeat_timeout_s: float = 0.0
+    #: Stop a live hive recorded in ``$RBEE_HOME/run/hive.pid`` before starting: one that a
+    #: queen which lost this node left running (the queen asks for it over SSH).
+    replace_stale: bool = False
     #: SIGTERM/SIGINT start a graceful shutdown (the CLI sets it).
     handle_signals: bool = False
     idle_timeout_s: float = field(default_factory=idle_timeout_from_env)

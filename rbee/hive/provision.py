@@ -4,8 +4,15 @@
 catalog, else the Hub's metadata, the embedded package or the local file, which must lie
 under the model directories: ``rbee.paths.confined_model_file``), so that
 preflight can run before anything is fetched. ``ensure(resolution)`` then makes the file
-present: a download, an assembly of the embedded model, or a hash of a local file, each
-followed by a catalog row. Nothing is fetched again once the catalog holds it.
+present: a download, an assembly of the embedded model, or a hash of a file already on
+disk, each followed by a catalog row. Nothing is fetched again once the catalog holds it,
+and a catalogued file is never hashed again while its size and mtime are unchanged (the
+catalog's trust rule); one that changed is hashed again on its next use.
+
+The embedded model is used in place when a folder of ``RBEE_MODEL_DIRS`` holds it
+(``embedded.shared_copy``): hashed once, catalogued with its real path, never copied; if
+its sha256 is not the package's, that is said once and the model assembled into
+``$RBEE_HOME/models`` as usual.
 
 One provisioning per canonical reference runs at a time (a *flight*): a second request
 for the same missing model joins the first and gets its result, so two spawns download
@@ -16,7 +23,9 @@ before it finished, the flight is cancelled (a download keeps its ``.part`` to r
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -32,7 +41,7 @@ from ..narration.events import Event
 from ..paths import confined_model_file, model_not_found, models_dir, state_error
 from ..requests import EMBEDDED_ALIAS, ModelRef, parse_reference
 from . import download, embedded
-from .catalog import CatalogEntry, ModelCatalog, utc_now
+from .catalog import GONE, CatalogEntry, ModelCatalog, utc_now
 from .gguf_header import kv_cache_bytes, read_gguf_metadata
 from .preflight import check_disk, human_bytes
 
@@ -54,6 +63,9 @@ class Resolution:
     hub: download.HubFile | None = None
     #: A file that starts like the model (its GGUF header) before the model itself is here.
     header_path: Path | None = None
+    #: The embedded model lies at ``local_path`` in a folder of RBEE_MODEL_DIRS: used there,
+    #: once its sha256 is checked.
+    in_place: bool = False
 
     @property
     def aliases(self) -> tuple[str, ...]:
@@ -79,8 +91,9 @@ class Resolution:
 
     @property
     def on_disk(self) -> bool:
-        """The file is on this node: catalogued (and present), or a ``file:`` path."""
-        return self.entry is not None or (self.provider == "file" and self.local_path.is_file())
+        """The file is on this node: catalogued (and present), a ``file:`` path, or the
+        embedded model in a shared folder."""
+        return self.entry is not None or self.in_place or (self.provider == "file" and self.local_path.is_file())
 
     def public(self) -> dict[str, object]:
         """The JSON of ``POST /v1/models/resolve``: which file the reference means here."""
@@ -105,6 +118,13 @@ def kv_bytes_at(path: Path, ctx_size: int) -> int | None:
         return None
 
 
+def hash_file(path: Path) -> tuple[str, os.stat_result]:
+    """The sha256 of ``path``, and its stat taken before reading it: a change during the
+    hash then shows as another mtime at the next use. Blocking: run it in a thread."""
+    seen = path.stat()
+    return download.sha256_of(path), seen
+
+
 def rebuild_catalog(catalog: ModelCatalog, root: Path) -> list[CatalogEntry]:
     """Register again the model files rbee itself placed under ``root`` (``$RBEE_HOME/models``),
     after a damaged catalog was set aside; returns the new rows.
@@ -119,19 +139,19 @@ def rebuild_catalog(catalog: ModelCatalog, root: Path) -> list[CatalogEntry]:
     """
     found: list[CatalogEntry] = []
 
-    def register(reference: str, provider: str, file: str, path: Path, sha256: str) -> None:
-        stat = path.stat()
+    def register(reference: str, provider: str, file: str, path: Path, hashed: tuple[str, os.stat_result]) -> None:
+        sha256, stat = hashed
         written = datetime.fromtimestamp(stat.st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         entry = CatalogEntry(reference=reference, provider=provider, file=file, local_path=str(path),
-                             size=stat.st_size, sha256=sha256, downloaded_at=written)
+                             size=stat.st_size, sha256=sha256, downloaded_at=written, mtime_ns=stat.st_mtime_ns)
         catalog.add(entry)
         found.append(entry)
 
     try:
         name = embedded.embedded_file_name()
         path = root / name
-        if path.is_file() and download.sha256_of(path) == embedded.embedded_sha256():
-            register(EMBEDDED_ALIAS, "embedded", name, path, embedded.embedded_sha256())
+        if path.is_file() and (hashed := hash_file(path))[0] == embedded.embedded_sha256():
+            register(EMBEDDED_ALIAS, "embedded", name, path, hashed)
     except (RbeeError, OSError):
         pass  # no embedded package, or its file is not here whole: it is assembled again when asked for
     hub_root = root / "hf"
@@ -144,7 +164,7 @@ def rebuild_catalog(catalog: ModelCatalog, root: Path) -> list[CatalogEntry]:
         try:
             if not path.is_file() or parse_reference(reference).reference != reference:
                 continue
-            register(reference, "hf", filename, path, download.sha256_of(path))
+            register(reference, "hf", filename, path, hash_file(path))
         except (RbeeError, OSError):
             continue  # not laid out as rbee lays downloads out, or unreadable: left alone
     return found
@@ -182,24 +202,43 @@ class Provisioner:
         return reference in self._flights
 
     def catalogued(self, reference: str) -> CatalogEntry | None:
-        """The catalog's entry if its file is still there.
+        """The catalog's entry while its file is as it was verified (the catalog's trust
+        rule: same size and mtime; a stat, no hashing).
 
         A row whose file vanished (deleted, or its disk unmounted) is dropped and said in
         one line; the model is then provisioned again like a new one (downloaded,
-        assembled), and a ``file:`` whose file is gone is refused naming it.
+        assembled), and a ``file:`` whose file is gone is refused naming it. A row whose
+        file changed (another size or mtime) is dropped and said in one line too; the file
+        is then verified again (hashed) by the provisioning of this use. A row from before
+        schema 3 (no mtime) is trusted on its size, and the mtime seen now is recorded.
         """
         entry = self.catalog.get(reference)
-        if entry is not None and not entry.file_present():
-            self.catalog.remove(entry.reference)
-            narrate(ACTOR, "model_vanished", f"The file of {entry.reference} ({entry.local_path}) is gone from disk: "
-                    "its catalog entry is dropped", level="warn", target=entry.reference)
-            if entry.provider == "file":
-                raise ModelNotFoundError(
-                    f"the model file of {entry.reference} is gone from this node (catalogued at {entry.local_path}; "
-                    "its entry is dropped): put the file back, or pick a model the node has "
-                    "(`rbee-keeper models list --node NODE`)")
+        if entry is None:
             return None
-        return entry
+        change = entry.change_on_disk()
+        if change is None:
+            if entry.mtime_ns is None:
+                try:
+                    mtime_ns = os.stat(entry.local_path).st_mtime_ns
+                except OSError:
+                    return entry  # gone this instant: the next use says so
+                self.catalog.record_mtime(entry.reference, mtime_ns)
+                entry = dataclasses.replace(entry, mtime_ns=mtime_ns)
+            return entry
+        self.catalog.remove(entry.reference)
+        if change != GONE:
+            narrate(ACTOR, "model_changed", f"The file of {entry.reference} ({entry.local_path}) changed since its "
+                    f"sha256 was verified ({change}): its catalog entry is dropped and the file is verified again",
+                    level="warn", target=entry.reference)
+            return None
+        narrate(ACTOR, "model_vanished", f"The file of {entry.reference} ({entry.local_path}) is gone from disk: "
+                "its catalog entry is dropped", level="warn", target=entry.reference)
+        if entry.provider == "file":
+            raise ModelNotFoundError(
+                f"the model file of {entry.reference} is gone from this node (catalogued at {entry.local_path}; "
+                "its entry is dropped): put the file back, or pick a model the node has "
+                "(`rbee-keeper models list --node NODE`)")
+        return None
 
     async def resolve(self, ref: ModelRef) -> Resolution:
         """Which file ``ref`` means; asks the Hub only when the catalog does not know it."""
@@ -212,8 +251,10 @@ class Provisioner:
             return Resolution(ref, entry.reference, entry.provider, entry.file, entry.size, Path(entry.local_path), entry)
         if ref.provider == "embedded":
             name = embedded.embedded_file_name()
-            return Resolution(ref, ref.reference, "embedded", name, embedded.embedded_size(), models_dir() / name,
-                              header_path=embedded.first_chunk())
+            shared = await trio.to_thread.run_sync(embedded.shared_copy)
+            return Resolution(ref, ref.reference, "embedded", name, embedded.embedded_size(),
+                              shared or models_dir() / name, header_path=embedded.first_chunk(),
+                              in_place=shared is not None)
         hub = await trio.to_thread.run_sync(download.resolve_hub_file, ref)
         entry = self.catalogued(hub.reference)
         dest = models_dir() / "hf" / hub.repo / hub.filename
@@ -297,26 +338,59 @@ class Provisioner:
             self._flights.pop(res.reference, None)
             flight.done.set()
 
+    async def _verified(self, flight: _Flight, res: Resolution, path: Path, expected: str) -> CatalogEntry | None:
+        """Hash a file already on disk and register it when its sha256 is ``expected``;
+        None on a mismatch (the file is left as it is)."""
+        sha, seen = await trio.to_thread.run_sync(hash_file, path)
+        return self._register(flight, res, path, sha, seen) if sha == expected else None
+
     async def _provision(self, flight: _Flight, res: Resolution) -> CatalogEntry:
         say = self._say
         if res.provider == "embedded":
+            expected = embedded.embedded_sha256()
+            if res.in_place:
+                say(flight, "model_hash", f"Verifying the sha256 of the embedded model in place at {res.local_path} "
+                    "(once: it is used there, not copied)", target=res.reference, local_path=str(res.local_path))
+                entry = await self._verified(flight, res, res.local_path, expected)
+                if entry is not None:
+                    return entry
+                say(flight, "model_mismatch", f"{res.local_path} is named like the embedded model, but its sha256 is "
+                    f"not the package's {expected}: it is not used; assembling the model into {models_dir()} instead",
+                    level="warn", target=res.reference, local_path=str(res.local_path))
+            assembled = models_dir() / res.file
+            if assembled.is_file() and assembled.stat().st_size == res.size:
+                say(flight, "model_hash", f"Verifying the sha256 of the embedded model at {assembled}",
+                    target=res.reference, local_path=str(assembled))
+                entry = await self._verified(flight, res, assembled, expected)
+                if entry is not None:
+                    return entry
             say(flight, "model_assemble", f"Assembling the embedded model {res.file} ({human_bytes(res.size)})",
                 target=res.reference, bytes_total=res.size,
                 cute=f"Gluing {res.file} together from its chunks! 🧩",
                 story=f"The provisioner pieced the embedded model {res.file} together from its parts.")
-            path = await trio.to_thread.run_sync(embedded.assemble_embedded, res.local_path.parent)
-            return self._register(flight, res, path, embedded.embedded_sha256())
+            path = await trio.to_thread.run_sync(embedded.assemble_embedded, assembled.parent)
+            return self._register(flight, res, path, expected)
         if res.provider == "file":
-            say(flight, "model_hash", f"Computing the sha256 of {res.local_path}", target=res.reference)
-            sha = await trio.to_thread.run_sync(download.sha256_of, res.local_path)
-            return self._register(flight, res, res.local_path, sha)
+            say(flight, "model_hash", f"Computing the sha256 of {res.local_path}", target=res.reference,
+                local_path=str(res.local_path))
+            sha, seen = await trio.to_thread.run_sync(hash_file, res.local_path)
+            return self._register(flight, res, res.local_path, sha, seen)
         hub = res.hub
         assert hub is not None
         cached = await trio.to_thread.run_sync(download.cached_hub_file, hub)
         if cached is not None:
             say(flight, "model_cache_hit", f"{hub.filename} is in the Hugging Face cache: verifying it", target=res.reference)
-            if await trio.to_thread.run_sync(download.sha256_of, cached) == hub.sha256:
-                return self._register(flight, res, cached, hub.sha256)
+            entry = await self._verified(flight, res, cached, hub.sha256)
+            if entry is not None:
+                return entry
+        if res.local_path.is_file() and res.local_path.stat().st_size == hub.size:
+            # Downloaded before, its row dropped since (the file changed, or the catalog
+            # was set aside): hashed, not fetched again, when it is still the Hub's file.
+            say(flight, "model_hash", f"{hub.filename} is already at {res.local_path}: verifying its sha256",
+                target=res.reference, local_path=str(res.local_path))
+            entry = await self._verified(flight, res, res.local_path, hub.sha256)
+            if entry is not None:
+                return entry
         part = res.local_path.with_name(res.local_path.name + ".part")
         res.local_path.parent.mkdir(parents=True, exist_ok=True)
         check_disk(hub.size - (part.stat().st_size if part.exists() else 0), res.local_path.parent, model=res.reference)
@@ -342,11 +416,15 @@ class Provisioner:
         await download.download_hub_file(hub, res.local_path, progress=progress, notice=notice)
         return self._register(flight, res, res.local_path, hub.sha256)
 
-    def _register(self, flight: _Flight, res: Resolution, path: Path, sha256: str) -> CatalogEntry:
+    def _register(self, flight: _Flight, res: Resolution, path: Path, sha256: str,
+                  seen: os.stat_result | None = None) -> CatalogEntry:
+        """Catalogue ``path`` as verified; ``seen``: its stat from before the hash (a file
+        rbee wrote and renamed itself is stat'ed now)."""
+        seen = seen or path.stat()
         entry = CatalogEntry(
             reference=res.reference, provider=res.provider, file=res.file, local_path=str(path),
-            size=path.stat().st_size, sha256=sha256, downloaded_at=utc_now(),
-            revision=res.hub.revision if res.hub else None,
+            size=seen.st_size, sha256=sha256, downloaded_at=utc_now(),
+            revision=res.hub.revision if res.hub else None, mtime_ns=seen.st_mtime_ns,
         )
         self.catalog.add(entry, aliases=res.aliases)
         self._say(flight, "model_ready", f"{res.reference} is ready at {path} (sha256 verified)",

@@ -18,6 +18,7 @@ worker watchers, the idle timeout and the shutdown triggers; cancelling it ends 
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import stat
@@ -33,7 +34,7 @@ from ..paths import check_writable, listed_model_dirs, model_dirs, models_dir, r
 from .app import create_app
 from .auth import load_token
 from .catalog import ModelCatalog
-from .childproc import sweep_stale_workers
+from .childproc import forget_hive, record_hive, stop_stale_hive, sweep_stale_workers
 from .config import ACTOR, HiveConfig
 from .detect import detect_node
 from .provision import Provisioner, rebuild_catalog
@@ -64,6 +65,21 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
     token = config.api_token if config.api_token is not None else load_token(None)
     narrate(ACTOR, "hive_start", f"rbee-hive starting (state in {home})", cute="The hive is waking up! 🐝",
             story=f"On this node a hive woke up, keeping its honey in {home}.")
+    if config.replace_stale:
+        stale = await trio.to_thread.run_sync(stop_stale_hive, home / "run")
+        if stale is not None:
+            pid, outcome = stale
+            narrate(ACTOR, "stale_hive", f"A stale rbee-hive (pid {pid}) from a queen that lost this node was "
+                    f"still running here: {outcome}", level="warn", pid=pid, outcome=outcome)
+    await trio.to_thread.run_sync(record_hive, home / "run")
+    try:
+        await _serve_recorded(config, home, token, task_status=task_status)
+    finally:
+        forget_hive(home / "run")
+
+
+async def _serve_recorded(config: HiveConfig, home: Path, token: str | None, *,
+                          task_status: trio.TaskStatus[int]) -> None:
     _narrate_model_dirs()
     catalog = await _open_catalog(home)
     pid_dir = home / "workers"
@@ -86,7 +102,7 @@ async def serve(config: HiveConfig, *, task_status: trio.TaskStatus[int] = trio.
         if config.handle_signals:
             services.start_soon(_watch_signals, state.shutdown)
         if config.watch_stdin:
-            services.start_soon(_watch_stdin, state.shutdown)
+            services.start_soon(_watch_stdin, state.shutdown, config.heartbeat_timeout_s)
         backends = ", ".join(node.get("backends") or [])
         narrate(ACTOR, "hive_ready", f"rbee-hive is ready on {node.get('hostname')} (backends: {backends})", url=url,
                 cute=f"The hive on {node.get('hostname')} is open for business! 🍯",
@@ -158,17 +174,24 @@ async def _watch_signals(shutdown: trio.Event) -> None:
             shutdown.set()
 
 
-async def _watch_stdin(shutdown: trio.Event) -> None:
-    # A dup, so closing our stream never closes fd 0 itself. Anything written to stdin is
-    # read and ignored: only its end means something.
+async def _watch_stdin(shutdown: trio.Event, heartbeat_timeout_s: float) -> None:
+    # A dup, so closing our stream never closes fd 0 itself. What arrives on stdin is the
+    # queen's heartbeat (its content means nothing); its end, or its silence for
+    # ``heartbeat_timeout_s`` when set, means the queen is gone.
     stream = trio.lowlevel.FdStream(os.dup(0))
     async with stream:
         while True:
-            try:
-                data = await stream.receive_some(4096)
-            except (trio.BrokenResourceError, OSError):
-                data = b""
-            if not data:
+            with trio.move_on_after(heartbeat_timeout_s if heartbeat_timeout_s > 0 else math.inf) as quiet:
+                try:
+                    data = await stream.receive_some(4096)
+                except (trio.BrokenResourceError, OSError):
+                    data = b""
+            if quiet.cancelled_caught:
+                narrate(ACTOR, "heartbeat_lost", f"Heard no heartbeat from the queen for {heartbeat_timeout_s:g} s "
+                        "(the network to it is down, or it is gone): stopping the workers and shutting down",
+                        level="warn", timeout_s=heartbeat_timeout_s)
                 break
-    narrate(ACTOR, "stdin_closed", "Standard input closed (whoever started this hive is gone): shutting down")
+            if not data:
+                narrate(ACTOR, "stdin_closed", "Standard input closed (whoever started this hive is gone): shutting down")
+                break
     shutdown.set()

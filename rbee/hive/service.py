@@ -36,7 +36,7 @@ from ..requests import BACKENDS, parse_reference
 from . import preflight
 from .catalog import ModelCatalog
 from .config import ACTOR, HiveConfig
-from .detect import nvidia_devices
+from .detect import nvidia_devices, require_built_backend
 from .eventlog import EventLog
 from .provision import Provisioner, Resolution, kv_bytes_at
 from .workers import Worker, WorkerRegistry, new_worker_id
@@ -156,6 +156,7 @@ class HiveState:
         if self.closing:
             raise ShuttingDownError("the hive is shutting down; it takes no new workers")
         device = preflight.check_backend(req.backend, req.device, self.node)
+        require_built_backend(req.backend)  # what the node reports may be RBEE_DETECT_OVERRIDE's
         ref = parse_reference(req.model)
         parallel = req.parallel or self.config.worker_parallel
         worker_id = new_worker_id()

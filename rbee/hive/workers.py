@@ -46,6 +46,7 @@ from ..narration.events import Event, NarrationEvent, WorkerChange
 from . import childproc
 from .catalog import CatalogEntry
 from .config import ACTOR, HiveConfig
+from .detect import require_built_backend
 from .eventlog import EventLog
 from .events import WorkerEvents
 from .preflight import slots_phrase
@@ -287,7 +288,12 @@ class WorkerRegistry:
 
     def spawn(self, worker_id: str, entry: CatalogEntry, *, backend: str, device: int,
               ctx_size: int | None, parallel: int, planned_bytes: int) -> Worker:
-        """Start ``llm-worker-rbee`` for ``entry`` (synchronously: see ``childproc``)."""
+        """Start ``llm-worker-rbee`` for ``entry`` (synchronously: see ``childproc``).
+
+        ``BackendUnavailableError`` before any process starts when our llama.cpp build
+        lacks ``backend``, whatever the node reports (``RBEE_DETECT_OVERRIDE``).
+        """
+        require_built_backend(backend)
         host = self.config.worker_host
         port = free_port(host)
         url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -4,7 +4,8 @@ Each talks to the running queen, or to an ephemeral one started for the command 
 node registry lives in ``$RBEE_HOME/nodes.db``, so an ephemeral queen sees the same nodes).
 Listings never start anything just to say there is nothing: with no queen running,
 ``ps`` and ``workers list`` know there are no workers, and ``models list`` (localhost) and
-``setup list-nodes`` read ``models.db`` and ``nodes.db`` themselves, without writing.
+``setup list-nodes`` read ``models.db`` and ``nodes.db`` themselves, without writing, and
+so does ``status`` (the cluster at a glance: every hive down then).
 
 What they print: a listing is an aligned table on stdout (``tables.format_table``), or
 with ``--json`` one JSON document (the queen's own answer: ``{"workers": [...]}``,
@@ -34,6 +35,7 @@ from ..lifetime import pid_alive
 from ..narration.events import Event, NarrationEvent
 from ..paths import home_path
 from ..queen.nodes import LOCALHOST, read_nodes, local_hive_command
+from ..queen.status import offline_status
 from ..requests import parse_reference
 from .output import Output
 from .queen_control import (
@@ -373,6 +375,90 @@ async def remove_model(out: Output, model: str, node: str) -> int:
         done = f"its file {where} is not rbee's and stays"
     out.narrate("model_remove", f"Removed {answer.get('reference', model)} from {node}: {done}",
                 target=str(answer.get("reference", model)), node=node)
+    return 0
+
+
+# -- the cluster at a glance ----------------------------------------------------------------
+
+STATUS_COLUMNS = ("NODE", "REACHABLE", "HIVE UP", "DEVICES", "FREE MEMORY", "WORKERS", "MODELS")
+STATUS_WORKER_COLUMNS = ("NODE", "WORKER", "MODEL", "SLOTS", "STATE")
+STATUS_MODEL_COLUMNS = ("NODE", "MODEL", "SIZE")
+STATUS_NO_QUEEN_NOTE = (
+    "No queen-rbee runs, so no hive is up and nobody knows which nodes are reachable "
+    "(`rbee-keeper queen start` keeps a queen, its hives and workers up between commands)."
+)
+
+
+def device_cell(device: dict[str, Any]) -> str:
+    """``cpu``, or a GPU as ``cuda:0 RTX 4090 24.0 GiB (20.1 GiB free)``."""
+    backend = str(device.get("backend") or "?")
+    if backend == "cpu":
+        return "cpu"
+    name = f"{backend}:{device.get('index', 0)} {device.get('name') or ''}".rstrip()
+    total, free = device.get("memory_total_bytes"), device.get("memory_free_bytes")
+    if total:
+        name += f" {human_size(total)}"
+    if free:
+        name += f" ({human_size(free)} free)"
+    return name
+
+
+def status_row(node: dict[str, Any]) -> list[str]:
+    """One node's cells, in ``STATUS_COLUMNS`` order."""
+    reachable = node.get("reachable")
+    if reachable is True:
+        reach = "yes"
+    elif reachable is False:
+        reach = f"no: {node.get('unreachable_reason') or 'unknown why'}"
+    else:
+        reach = "unknown"
+    devices = [device_cell(d) for d in node.get("devices") or []]
+    # A backend the node lists without a device of its own (metal) is still shown.
+    devices += [b for b in node.get("backends") or [] if not any(c.split(":")[0] == b for c in devices)]
+    models = node.get("models")
+    return [
+        str(node.get("name")), reach, "yes" if node.get("hive_up") else "no", ", ".join(devices) or "-",
+        human_size(node.get("memory_free_bytes")), str(len(node.get("workers") or [])),
+        "-" if models is None else str(len(models)),
+    ]
+
+
+def format_status(nodes: list[dict[str, Any]]) -> str:
+    """The ``status`` tables: the nodes; then their workers and their models on disk
+    (each only when there is one), a blank line between two tables."""
+    tables = [format_table([status_row(n) for n in nodes], STATUS_COLUMNS)]
+    workers = [[str(n.get("name")), str(w.get("worker_id") or "-"), str(w.get("model") or w.get("model_ref") or "-"),
+                ps_row(w)[3], str(w.get("state") or "-")]
+               for n in nodes for w in n.get("workers") or []]
+    if workers:
+        tables.append(format_table(workers, STATUS_WORKER_COLUMNS))
+    models = [[str(n.get("name")), str(m.get("reference") or "-"), human_size(m.get("size"))]
+              for n in nodes for m in sorted(n.get("models") or [], key=lambda m: str(m.get("reference")))]
+    if models:
+        tables.append(format_table(models, STATUS_MODEL_COLUMNS))
+    return "\n\n".join(tables)
+
+
+async def cluster_status(out: Output, as_json: bool = False) -> int:
+    """``status``: every node at a glance (the queen's ``GET /v1/status``); ``--json``: that
+    document, ``{"nodes": [...]}``.
+
+    With no queen running nothing is started: the nodes come from ``nodes.db`` and
+    localhost's models from ``models.db`` (both read here, as ``setup list-nodes`` and
+    ``models list`` do), every hive down, reachability unknown, and a note on stderr says
+    so. Only a damaged ``nodes.db`` makes it start a queen (which sets it aside)."""
+    document = None
+    if await find_queen() is None:
+        try:
+            nodes = read_nodes(home_path() / "nodes.db", local_hive_command=local_hive_command())
+        except (sqlite3.Error, OSError):
+            nodes = None  # damaged or unreadable: the queen sets it aside and says so
+        if nodes is not None:
+            document = offline_status(nodes, _local_catalog())
+            out.line(STATUS_NO_QUEEN_NOTE)
+    if document is None:
+        document = await call(out, "GET", "/v1/status")
+    show_listing(out, document, format_status(document["nodes"]), "", as_json)
     return 0
 
 

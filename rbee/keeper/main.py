@@ -243,10 +243,8 @@ def chat(
         parse_infer_request({**base, "messages": [*probe, {"role": "user", "content": "hi"}]})
     except InvalidRequestError as exc:
         return _refuse(exc.message, EXIT_USAGE)
-    if node is not None and (unknown := _unknown_node(node)):
-        return _refuse(unknown, EXIT_JOB_FAILED)
-    if unusable := _unusable_home():
-        return _refuse(unusable, EXIT_JOB_FAILED)
+    if cannot := _cannot_run(node):
+        return _refuse(cannot, EXIT_JOB_FAILED)
     from .chat import run_chat
 
     return run_chat(base, system, narration)
@@ -315,6 +313,14 @@ def _unknown_node(name: str) -> str | None:
     except (OSError, sqlite3.Error, StateError):
         return None  # an unreadable registry, or none to be had: the queen (or _unusable_home) says so
     return _unless_a_queen_runs(missing)
+
+
+def _cannot_run(node: str | None) -> str | None:
+    """Why a job on ``node`` cannot run, known before anything starts: a node the registry
+    lacks, or an RBEE_HOME no ephemeral queen could use (each only when no queen runs)."""
+    if node is not None and (unknown := _unknown_node(node)):
+        return unknown
+    return _unusable_home()
 
 
 def _unusable_home() -> str | None:
@@ -488,6 +494,85 @@ def ps(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
     stderr, exit 0 (and nothing is started).
     """
     return _run(admin.ps, as_json)
+
+
+# -- the cluster at a glance, and a benchmark ---------------------------------------------
+
+
+@app.command(name="status")
+def status(*, as_json: Annotated[bool, JSON_FLAG] = False) -> int:
+    """Show the cluster at a glance: per node whether it is reachable, whether its hive is
+    up, its backends and devices, free memory, workers and models on disk.
+
+    Asks the running queen (which asks its running hives, starting none). With no queen
+    running it reads the node registry itself and starts nothing: every hive is down then,
+    and whether a node is reachable is unknown.
+    """
+    return _run(admin.cluster_status, as_json)
+
+
+def _bench_default(name: str, **settings: Any) -> cyclopts.Parameter:
+    """A bench option whose absence means bench.py's default, shown in the help (bench.py
+    is read only when a help page is drawn or the bench runs)."""
+
+    def show(_absent: Any) -> str:
+        from . import bench
+
+        return str(getattr(bench, name))
+
+    return cyclopts.Parameter(show_default=show, **settings)
+
+
+@app.command(name="bench")
+def bench(
+    *,
+    node: Annotated[str | None, _shown("localhost")] = None,
+    all_nodes: Annotated[bool, cyclopts.Parameter(name="--all", negative="")] = False,
+    model: Annotated[str | None, _bench_default("DEFAULT_MODEL")] = None,
+    max_tokens: Annotated[int | None, _bench_default("DEFAULT_MAX_TOKENS")] = None,
+    prompt: Annotated[str | None, _bench_default("DEFAULT_PROMPT", allow_leading_hyphen=True)] = None,
+    as_json: Annotated[bool, JSON_FLAG] = False,
+) -> int:
+    """Measure time to first token and tokens per second per node, end to end (keeper ->
+    queen -> hive -> worker and back), as a table.
+
+    Nodes run one after another. Each gets a warm-up job of one token first (the first job
+    on a node starts its hive and loads the model: WARM-UP shows how long that took), then
+    the measured job: temperature 0, a fixed seed, no prompt cache. TTFT is submit to first
+    token as this keeper sees it; TOK/S the tokens after the first over the time from first
+    to last token; WORKER TTFT and WORKER TOK/S are the worker's own figures. A node that
+    fails shows its error in its row (the others still run) and the exit is 1. With no
+    queen running, one is started for the bench and stopped after it.
+
+    Parameters
+    ----------
+    node
+        The node to measure (localhost, or one added with setup add-node).
+    all_nodes
+        Measure every node of the registry, localhost included, one after another.
+    model
+        Model reference: gemma3-270m, hf:org/repo[:QUANT], file:/abs/path.gguf.
+    max_tokens
+        Tokens of the measured job.
+    prompt
+        The prompt of both jobs.
+    """
+    from . import bench as bench_module
+    from ..queen.nodes import LOCALHOST
+    from ..requests import parse_infer_request
+
+    if node is not None and all_nodes:
+        return _refuse("choose --node N or --all, not both", EXIT_USAGE)
+    model = bench_module.DEFAULT_MODEL if model is None else model
+    prompt = bench_module.DEFAULT_PROMPT if prompt is None else prompt
+    max_tokens = bench_module.DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    try:  # a bad request is refused before anything is started or contacted
+        parse_infer_request(bench_module.bench_request(node or LOCALHOST, model, prompt, max_tokens))
+    except InvalidRequestError as exc:
+        return _refuse(exc.message, EXIT_USAGE)
+    if cannot := _cannot_run(node):
+        return _refuse(cannot, EXIT_JOB_FAILED)
+    return _run(bench_module.bench, node or LOCALHOST, all_nodes, model, prompt, max_tokens, as_json)
 
 
 # -- models -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from .narrate import emit as emit
 from .narrate import get_process_sink as get_process_sink
 from .narrate import narrate as narrate
 from .narrate import narration_context as narration_context
+from .narrate import outside_jobs as outside_jobs
 from .narrate import set_process_sink as set_process_sink
 from .narrate import stdout_sink as stdout_sink
 from .redact import REDACTED as REDACTED

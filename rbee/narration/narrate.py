@@ -84,6 +84,19 @@ def current_job_id() -> str | None:
     return _context.get().job_id
 
 
+@contextlib.contextmanager
+def outside_jobs() -> Iterator[None]:
+    """Within the block, ``narrate()`` belongs to no job: its events go to the process
+    sink. For what a daemon says of its own life (a node lost or back) from a task that
+    a job happened to start, and that outlives it (Trio tasks inherit their starter's
+    context, and with it the job's sink)."""
+    token = _context.set(_JobContext())
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
 def current_correlation_id() -> str | None:
     """The ``correlation_id`` of the enclosing ``narration_context``, or None."""
     return _context.get().correlation_id

@@ -34,6 +34,7 @@ from .operations import DownloadJob, validate_download
 from ..errors import QueueFullError
 from .ssh import probe_node
 from .state import QueenState
+from .status import cluster_status, public_workers
 
 ACTOR = "queen-rbee"
 #: The routes anyone may call, also with RBEE_API_TOKEN set: health, and the OpenAPI
@@ -157,7 +158,8 @@ def create_app(state: QueenState) -> QuartTrio:
         fields = validate_node_fields(await json_body())
         candidate = Node(**fields)
         narrate(ACTOR, "ssh_probe", f"Testing SSH to node {candidate.name} ({candidate.ssh_host}:{candidate.ssh_port})", node=candidate.name)
-        detect, host_key = await probe_node(state.bridge, candidate)
+        state.nodes.check_new(candidate)
+        detect, host_key = await probe_node(state.bridge, candidate, state.hives.liveness)
         stored = state.nodes.put(Node(**{**fields, "detect": detect, "host_key": host_key or None}))
         narrate(ACTOR, "node_add", f"Node {stored.name} added: {detect.get('hostname', '?')}", node=stored.name)
         return stored.public(), 201
@@ -167,22 +169,17 @@ def create_app(state: QueenState) -> QuartTrio:
         state.nodes.remove(name)
         return {"removed": name}
 
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        # Every node at a glance (status.py): running hives asked in parallel, nothing started.
+        return await cluster_status(state)
+
     # -- workers and models (through the running hives) ---------------------------------
 
     @app.get("/v1/workers")
     async def list_workers() -> dict[str, Any]:
-        # The scheduler's records: what the hives pushed, with this queen's leases as the
-        # busy slots (the one source of worker truth; nobody is probed here).
-        now = state.scheduler.clock()
-        return {"workers": [
-            {
-                "worker_id": w.worker_id, "node": w.node, "model": w.label or w.model.reference,
-                "model_ref": w.model.reference, "sha256": w.model.sha256, "backend": w.backend,
-                "device": w.device, "state": w.state, "slots": {"total": w.slots_total, "busy": len(w.leases)},
-                "memory_bytes": w.memory_bytes, "unload_in_s": w.unload_in(now), "url": w.url,
-            }
-            for w in sorted(state.scheduler.workers.values(), key=lambda w: (w.node, w.worker_id))
-        ]}
+        # The scheduler's records (status.py: GET /v1/status lists the same per node).
+        return {"workers": public_workers(state.scheduler)}
 
     @app.get("/metrics")
     async def metrics() -> Response:

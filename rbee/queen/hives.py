@@ -29,11 +29,11 @@ import trio
 from ..client.jobs import error_from_response
 from ..errors import HiveStartError, SshError, WorkerError
 from ..lifetime import RBEE_SECRETS, ChildProcess, env_without
-from ..narration import get_process_sink, jsonlines, narrate, sse
+from ..narration import get_process_sink, jsonlines, narrate, outside_jobs, sse
 from ..narration.events import Done, Event, NarrationEvent, WorkerChange
 from .asyncio_bridge import AsyncioBridge
 from .nodes import Node
-from .ssh import SshHive
+from .ssh import SshHive, SshLiveness
 
 ACTOR = "queen-rbee"
 HIVE_ACTOR = "rbee-hive"
@@ -62,6 +62,8 @@ class Hive:
         self._last_lines: list[str] = []
         #: The hive's own last error narration (why it stopped, in its words), if any.
         self.said_error: str | None = None
+        #: Set (before ``exited``) when the hive was lost with its node's network: why.
+        self.lost: str | None = None
 
     def relay(self, event: Event) -> None:
         """Hand one event of the hive's stdout to whoever listens (else the queen's stdout)."""
@@ -159,7 +161,9 @@ class HiveManager:
         *,
         on_worker_change: Callable[[str, WorkerChange], None] | None = None,
         on_hive_gone: Callable[[str], None] | None = None,
+        liveness: SshLiveness = SshLiveness(),
     ) -> None:
+        self.liveness = liveness
         self._on_worker_change = on_worker_change
         self._on_hive_gone = on_hive_gone
         self._run_dir = run_dir
@@ -168,6 +172,9 @@ class HiveManager:
         self._http = http
         self._hives: dict[str, Hive] = {}
         self._locks: dict[str, trio.Lock] = {}
+        #: Nodes the queen cannot reach now: name -> why, in words (set when SSH to the node
+        #: fails or its connection is lost; cleared when a hive there starts again).
+        self.unreachable: dict[str, str] = {}
 
     def running(self) -> list[Hive]:
         """The hives that are up now."""
@@ -190,15 +197,55 @@ class HiveManager:
                 hive.listeners.append(sink)
             try:
                 await self._nursery.start(self._run_hive, hive)
+                self._reachable_again(node.name)
                 hive.facts = await hive.request("GET", "/v1/detect") or {}
                 # The hive's worker news, read for its whole life: connected before any
                 # job can ask this hive for a worker, so no change is missed.
                 await self._nursery.start(self._read_events, hive)
+            except SshError:
+                reason = hive.ssh.unreachable() if hive.ssh is not None else None
+                if reason is not None:
+                    self._mark_unreachable(node, reason)
+                raise
             finally:
                 if sink is not None:
                     hive.listeners.remove(sink)
             self._hives[node.name] = hive
             return hive
+
+    def _mark_unreachable(self, node: Node, reason: str) -> None:
+        """Node ``node`` cannot be reached: placement skips it, and it is watched until
+        its SSH port answers again (then used again, with no restart of the queen)."""
+        first = node.name not in self.unreachable
+        self.unreachable[node.name] = reason
+        if first:
+            with outside_jobs():  # the queen's own news, not the news of the job that found it
+                narrate(ACTOR, "node_unreachable", f"Node {node.name} is unreachable: {reason}; new jobs go to "
+                        "other nodes until it answers again", level="warn", node=node.name,
+                        cute=f"{node.name} went quiet... the hive will fly elsewhere. 📡",
+                        story=f"The queen lost sight of {node.name} and sent her jobs elsewhere.")
+                self._nursery.start_soon(self._watch_return, node)
+
+    def _reachable_again(self, name: str) -> None:
+        if self.unreachable.pop(name, None) is not None:
+            with outside_jobs():
+                narrate(ACTOR, "node_reachable", f"Node {name} answers again: new jobs may go there", node=name,
+                        cute=f"{name} is back in the meadow! 🌼", story=f"The queen saw {name} again.")
+
+    async def _watch_return(self, node: Node) -> None:
+        """Knock on the node's SSH port until it answers (or a hive starts there)."""
+        interval = max(self.liveness.keepalive_interval_s, 0.5)
+        while node.name in self.unreachable:
+            with trio.move_on_after(max(interval * 2, 1.0)):
+                try:
+                    stream = await trio.open_tcp_stream(node.ssh_host or "127.0.0.1", node.ssh_port)
+                except OSError:
+                    pass
+                else:
+                    await stream.aclose()
+                    self._reachable_again(node.name)
+                    return
+            await trio.sleep(interval)
 
     async def _read_events(self, hive: Hive, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Feed the hive's ``GET /v1/events`` to the scheduler until the hive exits."""
@@ -250,13 +297,17 @@ class HiveManager:
                 assert hive.child.stdout is not None
                 await self._pump(hive, hive.child.stdout.receive_some, task_status)
             else:
-                hive.ssh = SshHive(self._bridge, node, hive.token)
+                hive.ssh = SshHive(self._bridge, node, hive.token, self.liveness)
                 await hive.ssh.start()
                 # Not a nested nursery: task_status.started() must be called from this task
                 # with no nursery of its own open. The drain ends at the channel's EOF.
                 self._nursery.start_soon(self._drain_stderr, hive, hive.ssh.read_stderr)
                 await self._pump(hive, hive.ssh.read_stdout, task_status)
         finally:
+            lost = hive.ssh.unreachable() if hive.ssh is not None and hive.ready.is_set() else None
+            if lost is not None:
+                hive.lost = lost
+                self._mark_unreachable(node, lost)
             hive.exited.set()
             with trio.CancelScope(shield=True):
                 await self._stop_transport(hive)
@@ -299,6 +350,8 @@ class HiveManager:
                 f"rbee-hive on node {hive.node.name} exited before it was ready ({hive.failure_hint()});"
                 f" check that `{hive.node.rbee_hive_command} daemon` runs there"
             )
+        if hive.ssh is not None and hive.ssh.unreachable() is not None:
+            return  # not an exit we saw: the node is gone from the network (said as node_unreachable)
         narrate(ACTOR, "hive_exit", f"rbee-hive on node {hive.node.name} has exited", node=hive.node.name,
                 cute=f"The hive on {hive.node.name} is fast asleep. 💤",
                 story=f"The hive on {hive.node.name} went quiet.")

@@ -41,6 +41,7 @@ from ..errors import (
     BackendUnavailableError,
     RbeeError,
     WorkerError,
+    HiveLostError,
     WorkerLostError,
     WorkerStalledError,
     error_for_code,
@@ -51,7 +52,7 @@ from ..requests import InferRequest
 from .hives import Hive, HiveManager
 from .jobs import Job, JobRegistry
 from .nodes import LOCALHOST, Node, NodeRegistry
-from .placement import NodeView, place
+from .placement import NodeView, memory_free_bytes, place
 from .scheduler import ModelIdentity, Scheduler, Slot, Want, WorkerRecord, lease
 
 ACTOR = "queen-rbee"
@@ -61,6 +62,9 @@ READY_ACTIONS = frozenset({"callback_ready", "ready", "worker_ready"})
 #: (keeps the story whole for the jobs that watched the load).
 READY_TAIL_S = 0.5
 CANCEL_GRACE_S = 1.0
+#: How long a broken worker stream on a remote node waits for the SSH transport to say
+#: whether the node itself was lost (it usually knows already).
+NODE_LOSS_SETTLE_S = 0.25
 #: A worker that refused with ``503 full``: pause before the job takes the queue's head again.
 REQUEUE_PAUSE_S = 0.05
 #: How often one job may be put back at its queue's head before it fails.
@@ -202,8 +206,9 @@ class InferJob:
                 free_slots=sum(w.free_slots for w in loaded),
                 loaded=bool(loaded),
                 on_disk=on_disk,
-                memory_free_bytes=_free_memory(facts),
+                memory_free_bytes=memory_free_bytes(facts),
                 is_local=node.is_local,
+                reachable=node.name not in self.hives.unreachable,
             ))
         return views
 
@@ -343,9 +348,9 @@ class InferJob:
                     await self.http.delete(f"{url}/v1/inference/{job.job_id}", headers=headers)
             raise
         except httpx.ConnectError as exc:
-            raise WorkerLostError(f"{where} does not answer at {url} ({exc})") from None
+            raise await self._lost(hive, f"{where} does not answer at {url} ({exc})") from None
         except httpx.TransportError as exc:
-            raise WorkerLostError(f"{where} was lost in the middle of the job: its stream broke ({exc})") from None
+            raise await self._lost(hive, f"{where} was lost in the middle of the job: its stream broke ({exc})") from None
 
     async def _relay_inference(self, job: Job, response: httpx.Response, where: str, hive: Hive,
                                worker: WorkerRecord) -> tuple[End, float | None]:
@@ -389,7 +394,21 @@ class InferJob:
                     started_at = now
                     stall_deadline = now + self.stall_timeout_s
                 job.sink(event)
-        raise WorkerLostError(f"{where} was lost in the middle of the job: its stream stopped without [DONE]")
+        raise await self._lost(hive, f"{where} was lost in the middle of the job: its stream stopped without [DONE]")
+
+    async def _lost(self, hive: Hive, what: str) -> RbeeError:
+        """The error of a worker stream that broke: its node's loss when that is the cause
+        (the SSH connection carrying the stream went down: said by the hive's transport a
+        moment later, so wait for it briefly), else ``worker_lost`` saying ``what``."""
+        lost = hive.ssh.unreachable() if hive.ssh is not None else None
+        if hive.ssh is not None and lost is None:
+            with trio.move_on_after(NODE_LOSS_SETTLE_S):
+                await hive.exited.wait()
+            lost = hive.ssh.unreachable()
+        if lost is not None:
+            return HiveLostError(f"node {hive.node.name} became unreachable in the middle of the job ({lost});"
+                                 " its hive stops its workers on its own, and new jobs go to other nodes")
+        return WorkerLostError(what)
 
     def _kill_stalled(self, hive: Hive, worker: WorkerRecord) -> None:
         """Ask the worker's hive to kill it (it would not answer a polite stop), in the
@@ -499,12 +518,6 @@ class InferJob:
                 await said_ready.wait()
             nursery.cancel_scope.cancel()
         return said_failure
-
-
-def _free_memory(facts: dict[str, Any] | None) -> int | None:
-    devices = (facts or {}).get("devices") or []
-    values = [d.get("memory_free_bytes") for d in devices if d.get("backend") == "cpu"]
-    return int(values[0]) if values and values[0] is not None else None
 
 
 def _identity(event: NarrationEvent) -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ import trio
 
 from ..errors import BindFailedError, StateError, single_cause
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL
+from .ssh import SshLiveness
 from .server import DEFAULT_GRACE_PERIOD_S, DEFAULT_STALL_TIMEOUT_S, QueenConfig, serve
 
 app = cyclopts.App(name="queen-rbee", help="The rbee orchestrator: node registry, jobs, scheduling.")
@@ -27,6 +28,10 @@ def run(
     max_workers_per_model: int = DEFAULT_MAX_WORKERS_PER_MODEL,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
     grace_period: float = DEFAULT_GRACE_PERIOD_S,
+    ssh_keepalive_interval: float = SshLiveness.keepalive_interval_s,
+    ssh_keepalive_count: int = SshLiveness.keepalive_count,
+    ssh_connect_timeout: float = SshLiveness.connect_timeout_s,
+    hive_heartbeat_timeout: float = SshLiveness.hive_heartbeat_timeout_s,
 ) -> int:
     """Run the queen until SIGTERM, SIGINT or ``POST /v1/shutdown``.
 
@@ -53,6 +58,16 @@ def run(
     grace_period
         At shutdown (SIGTERM, ``rbee-keeper queen stop``, ``POST /v1/shutdown``), seconds
         running jobs get to finish before they are cancelled; new jobs are refused at once.
+    ssh_keepalive_interval
+        Seconds of silence from a node before the queen sends an SSH keep-alive.
+    ssh_keepalive_count
+        Unanswered keep-alives after which a node is given up: its jobs fail naming it, it
+        shows as unreachable, and new jobs go elsewhere until it answers again.
+    ssh_connect_timeout
+        Seconds an SSH connection to a node may take before the node counts as unreachable.
+    hive_heartbeat_timeout
+        Seconds a hive started over SSH waits for the queen's heartbeat before it stops its
+        workers and exits (a node cut off the network gets no other sign).
     """
     if max_queue is None:
         raw = os.environ.get("RBEE_MAX_QUEUE", "")
@@ -67,9 +82,14 @@ def run(
     if not (stall_timeout > 0 and grace_period >= 0):  # also refuses NaN
         print("queen-rbee: --stall-timeout must be above 0 and --grace-period 0 or more", file=sys.stderr)
         return 2
+    liveness = SshLiveness(keepalive_interval_s=ssh_keepalive_interval, keepalive_count=ssh_keepalive_count,
+                           connect_timeout_s=ssh_connect_timeout, hive_heartbeat_timeout_s=hive_heartbeat_timeout)
+    for problem in liveness.problems():
+        print(f"queen-rbee: {problem}", file=sys.stderr)
+        return 2
     config = QueenConfig(host=host, port=port, home=home, ping_interval_s=ping_interval, handle_signals=True,
                          max_queue=max_queue, max_workers_per_model=max_workers_per_model,
-                         stall_timeout_s=stall_timeout, grace_period_s=grace_period)
+                         stall_timeout_s=stall_timeout, grace_period_s=grace_period, liveness=liveness)
     try:
         trio.run(serve, config)
     except Exception as exc:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError, NotFoundError, StateError
+from ..errors import InvalidRequestError, NodeExistsError, NotFoundError, StateError
 from ..paths import set_aside, sqlite_is_corrupt, sqlite_state_error
 from ..requests import NODE_NAME_PATTERN
 
@@ -232,6 +232,22 @@ class NodeRegistry:
                 " or use --node localhost"
             )
         return _row_to_node(row)
+
+    def check_new(self, node: Node) -> None:
+        """Refuse a node whose name, or SSH host and port, a stored node already has
+        (``NodeExistsError``): one machine is one node, and re-adding must be said."""
+        for known in self.list():
+            if known.name == node.name:
+                raise NodeExistsError(
+                    f"node {node.name} already exists ({known.ssh_host}:{known.ssh_port}); to change it, "
+                    f"`rbee-keeper setup remove-node {node.name}` first, then add it again"
+                )
+            if (not known.is_local and (known.ssh_host or "").lower() == (node.ssh_host or "").lower()
+                    and known.ssh_port == node.ssh_port):
+                raise NodeExistsError(
+                    f"{node.ssh_host}:{node.ssh_port} is already node {known.name}: one machine is one node "
+                    f"(use --node {known.name}, or remove it first with `rbee-keeper setup remove-node {known.name}`)"
+                )
 
     def put(self, node: Node) -> Node:
         """Insert or replace ``node``; returns it as stored."""

@@ -14,14 +14,25 @@ starts a hive just to ask. In order of preference:
    the backend asked for.
 
 Within one rule, a running hive beats one that would have to start, then more free
-memory, then the name (so the choice is stable).
+memory, then the name (so the choice is stable). A node the queen cannot reach now (its
+SSH connection was lost or cannot be made) is left out until it answers again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, NodeUnreachableError
+
+
+def memory_free_bytes(facts: dict[str, Any] | None) -> int | None:
+    """A node's free memory (its cpu device's, i.e. RAM) from its facts; None if unknown."""
+    for device in (facts or {}).get("devices") or []:
+        if isinstance(device, dict) and device.get("backend") == "cpu":
+            value = device.get("memory_free_bytes")
+            return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +49,8 @@ class NodeView:
     on_disk: bool | None = None
     memory_free_bytes: int | None = None
     is_local: bool = False
+    #: False while the node cannot be reached (then it is never chosen).
+    reachable: bool = True
 
     def has_backend(self, backend: str | None) -> bool:
         """Whether the node offers ``backend`` (None: any; unknown facts: cpu only)."""
@@ -61,8 +74,14 @@ def _rank(view: NodeView) -> tuple[bool, int, str]:
 def place(views: list[NodeView], *, backend: str | None = None) -> Placement:
     """Choose a node for a job (see the module doc); ``BackendUnavailableError`` when no
     node offers the backend."""
-    fit = [v for v in views if v.has_backend(backend)]
+    offering = [v for v in views if v.has_backend(backend)]
+    fit = [v for v in offering if v.reachable]
     if not fit:
+        if offering:
+            raise NodeUnreachableError(
+                f"every node with the {backend or 'cpu'} backend is unreachable now"
+                f" ({', '.join(v.name for v in offering)}); `rbee-keeper status` shows why"
+            )
         raise BackendUnavailableError(
             f"no node offers the {backend} backend (known nodes: {', '.join(v.name for v in views)});"
             " add one with `rbee-keeper setup add-node`, or choose another backend"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -35,6 +35,7 @@ from .jobs import Job, JobRegistry
 from .metrics import QueenMetrics, SchedulerSnapshot
 from .nodes import NodeRegistry, local_hive_command
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WORKERS_PER_MODEL, Scheduler
+from .ssh import SshLiveness
 
 ACTOR = "queen-rbee"
 #: How long finished job streams may take to deliver their last bytes at shutdown.
@@ -63,6 +64,8 @@ class QueenConfig:
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     #: At shutdown, how long running jobs may go on before they are cancelled.
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S
+    #: SSH keep-alives and the hive heartbeat: how a lost node is noticed on both sides.
+    liveness: SshLiveness = field(default_factory=SshLiveness)
 
 
 async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -88,7 +91,7 @@ async def serve(config: QueenConfig, *, task_status: trio.TaskStatus[int] = trio
                 slots=scheduler.slot_counts(),
             ))
             hives = HiveManager(outer, bridge, http, home / "run", on_worker_change=scheduler.apply_change,
-                                on_hive_gone=scheduler.hive_gone)
+                                on_hive_gone=scheduler.hive_gone, liveness=config.liveness)
 
             def finished(job: Job) -> None:
                 metrics.job_finished(job.operation, job.state)

@@ -14,6 +14,14 @@ reaches it. The queen asks asyncssh for a local port forward (``forward_local_po
 127.0.0.1:<free port> on the queen's machine to 127.0.0.1:<hive port> on the node, and
 talks HTTP to that. Closing the SSH connection closes the forward and the hive's stdin,
 and the hive shuts itself (and its workers) down on that EOF.
+
+A node that drops off the network sends no EOF and no reset: both sides would wait for
+minutes (TCP's retransmissions, sshd's idea of a live session). So each side watches the
+other (``SshLiveness``): the queen sends SSH keep-alives and gives the connection up after
+``keepalive_count`` unanswered ones (the node's jobs then fail naming it, and the node is
+marked unreachable); the queen also writes a heartbeat line to the hive's stdin, and a hive
+that hears none for its ``--heartbeat-timeout`` stops its workers and exits. A hive that a
+lost queen left behind is stopped by the next hive started there (``--replace-stale``).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
@@ -30,8 +39,56 @@ from .asyncio_bridge import AsyncioBridge
 from .nodes import Node
 
 
-def _connect_options(node: Node) -> dict[str, Any]:
-    options: dict[str, Any] = {"port": node.ssh_port}
+@dataclass(frozen=True)
+class SshLiveness:
+    """How the queen and a remote hive notice that the other is gone (see the module doc).
+
+    Defaults: a lost node is given up after about ``interval x (count + 1)`` = 4 s of
+    silence; its hive stops itself after 10 s without a heartbeat.
+    """
+
+    #: Seconds of silence from the node before the queen sends an SSH keep-alive.
+    keepalive_interval_s: float = 1.0
+    #: Unanswered keep-alives after which the connection (and the node's jobs) is given up.
+    keepalive_count: int = 3
+    #: Seconds an SSH connection (TCP and handshake) may take before the node is unreachable.
+    connect_timeout_s: float = 10.0
+    #: How often the queen writes a heartbeat line to a remote hive's stdin.
+    heartbeat_interval_s: float = 1.0
+    #: Seconds without a heartbeat after which a remote hive stops its workers and exits.
+    hive_heartbeat_timeout_s: float = 10.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty: fine), one phrase each."""
+        found = []
+        if not self.keepalive_interval_s > 0:
+            found.append("--ssh-keepalive-interval must be above 0 seconds")
+        if self.keepalive_count < 1:
+            found.append("--ssh-keepalive-count must be 1 or more")
+        if not self.connect_timeout_s > 0:
+            found.append("--ssh-connect-timeout must be above 0 seconds")
+        if not self.hive_heartbeat_timeout_s > self.heartbeat_interval_s:
+            found.append(f"--hive-heartbeat-timeout must be above the heartbeat interval ({self.heartbeat_interval_s:g} s)")
+        return found
+
+
+class _Watched(asyncssh.SSHClient):
+    """Keeps why the connection ended (None: closed by us or cleanly)."""
+
+    def __init__(self) -> None:
+        self.lost: Exception | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc
+
+
+def _connect_options(node: Node, liveness: SshLiveness) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "port": node.ssh_port,
+        "keepalive_interval": liveness.keepalive_interval_s,
+        "keepalive_count_max": liveness.keepalive_count,
+        "connect_timeout": liveness.connect_timeout_s,
+    }
     if node.ssh_user:
         options["username"] = node.ssh_user
     if node.ssh_key:
@@ -56,6 +113,9 @@ def ssh_error(node: Node, exc: BaseException, *, cls: type[SshError] = SshError)
         hint = "check --ssh-user and --ssh-key (the key must be in the node's authorized_keys)"
     elif isinstance(exc, asyncssh.HostKeyNotVerifiable):
         hint = "the node's host key changed since it was added; remove and add the node again if that is expected"
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        exc = TimeoutError("no answer (connection timed out)")
+        hint = "is the node switched on and on the network? check --ssh-host and --ssh-port"
     elif isinstance(exc, (ConnectionRefusedError, OSError)):
         hint = "check --ssh-host and --ssh-port, and that sshd runs there"
     else:
@@ -63,8 +123,15 @@ def ssh_error(node: Node, exc: BaseException, *, cls: type[SshError] = SshError)
     return cls(f"SSH to node {node.name!r} ({_describe(node)}) failed: {exc or type(exc).__name__}; {hint}")
 
 
-async def _aio_probe(node: Node) -> tuple[dict[str, Any], str]:
-    async with asyncssh.connect(node.ssh_host, **_connect_options(node)) as conn:
+def _is_network_failure(exc: BaseException) -> bool:
+    """The node did not answer or the path to it broke (not: it refused our login)."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, OSError, asyncssh.ConnectionLost)):
+        return True
+    return False
+
+
+async def _aio_probe(node: Node, liveness: SshLiveness) -> tuple[dict[str, Any], str]:
+    async with asyncssh.connect(node.ssh_host, **_connect_options(node, liveness)) as conn:
         command = f"{node.rbee_hive_command} detect"
         result = await conn.run(command, check=False)
         if result.exit_status != 0:
@@ -84,16 +151,17 @@ async def _aio_probe(node: Node) -> tuple[dict[str, Any], str]:
         return detect, host_key
 
 
-async def probe_node(bridge: AsyncioBridge, node: Node) -> tuple[dict[str, Any], str]:
+async def probe_node(bridge: AsyncioBridge, node: Node,
+                     liveness: SshLiveness = SshLiveness()) -> tuple[dict[str, Any], str]:
     """Connect, run ``<rbee-hive command> detect``; returns (detect JSON, host key line).
 
     Raises ``NodeUnreachableError`` (422) naming cause and fix when any step fails.
     """
     try:
-        return await bridge.run(_aio_probe, node)
+        return await bridge.run(_aio_probe, node, liveness)
     except NodeUnreachableError:
         raise
-    except (OSError, asyncssh.Error) as exc:
+    except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
         raise ssh_error(node, exc, cls=NodeUnreachableError) from None
 
 
@@ -105,10 +173,14 @@ class SshHive:
     which gives the hive EOF on stdin: it shuts down with its workers.
     """
 
-    def __init__(self, bridge: AsyncioBridge, node: Node, token: str) -> None:
+    def __init__(self, bridge: AsyncioBridge, node: Node, token: str, liveness: SshLiveness = SshLiveness()) -> None:
         self.bridge = bridge
         self.node = node
+        self.liveness = liveness
         self._token = token
+        self._client: _Watched | None = None
+        self._unreachable: str | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._conn: asyncssh.SSHClientConnection | None = None
         self._process: asyncssh.SSHClientProcess | None = None
         self._listener: asyncssh.SSHListener | None = None
@@ -125,21 +197,53 @@ class SshHive:
         """
         try:
             await self.bridge.run(self._aio_start)
-        except (OSError, asyncssh.Error) as exc:
-            raise ssh_error(self.node, exc) from None
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            error = ssh_error(self.node, exc)
+            if _is_network_failure(exc):
+                self._unreachable = error.message
+            raise error from None
+
+    def unreachable(self) -> str | None:
+        """Why the node cannot be reached, when that is what went wrong: the connection
+        could not be made (no answer, refused) or broke (keep-alives unanswered, a reset).
+        None while it stands, after a close on purpose, or for a login that was refused
+        (the node answered: its settings are wrong, not the network)."""
+        if self._unreachable is not None:
+            return self._unreachable
+        exc = self._client.lost if self._client is not None else None
+        if exc is None:
+            return None
+        return f"SSH connection to node {self.node.name!r} ({_describe(self.node)}) lost: {str(exc) or type(exc).__name__}"
 
     async def _aio_start(self) -> None:
-        self._conn = await asyncssh.connect(self.node.ssh_host, **_connect_options(self.node))
+        def watched() -> _Watched:
+            self._client = _Watched()
+            return self._client
+
+        self._conn = await asyncssh.connect(self.node.ssh_host, client_factory=watched,
+                                            **_connect_options(self.node, self.liveness))
         token_file = f"~/.rbee/hive-{self.node.name}.token"  # ~ expands in the remote shell
         command = (
             f"(umask 077 && mkdir -p ~/.rbee && IFS= read -r t && printf '%s\\n' \"$t\" > {token_file}) && "
             f"exec {self.node.rbee_hive_command} daemon --port {int(self.node.hive_port)} --token-file {token_file}"
+            f" --heartbeat-timeout {self.liveness.hive_heartbeat_timeout_s:g} --replace-stale"
         )
         # encoding=None: bytes, fed to the JSON-lines decoder (which handles split UTF-8).
         # stderr stays separate (library noise is not narration); read_stderr() drains it.
         self._process = await self._conn.create_process(command, encoding=None)
         # `read` takes one byte at a time from a pipe, so nothing after this line is lost.
         self._process.stdin.write(self._token.encode() + b"\n")
+        self._heartbeat = asyncio.ensure_future(self._aio_heartbeat())
+
+    async def _aio_heartbeat(self) -> None:
+        """A line on the hive's stdin every interval: the hive's proof that we are here."""
+        assert self._process is not None
+        while True:
+            await asyncio.sleep(self.liveness.heartbeat_interval_s)
+            try:
+                self._process.stdin.write(b"\n")
+            except (OSError, asyncssh.Error, BrokenPipeError):
+                return
 
     async def read_stdout(self) -> bytes:
         """The next bytes of the hive's stdout; ``b""`` at EOF."""
@@ -175,6 +279,8 @@ class SshHive:
         await self.bridge.run(self._aio_close, grace_s)
 
     async def _aio_close(self, grace_s: float) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         if self._process is not None:
             try:
                 self._process.stdin.write_eof()

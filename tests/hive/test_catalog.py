@@ -48,9 +48,9 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> 
                ("b" * 64,))
     db.close()
     catalog = ModelCatalog(path)
-    assert catalog.schema_version() == SCHEMA_VERSION == 2
+    assert catalog.schema_version() == SCHEMA_VERSION == 3
     old = catalog.get("gemma3-270m")
-    assert old is not None and old.size == 5 and old.revision is None
+    assert old is not None and old.size == 5 and old.revision is None and old.mtime_ns is None
     assert not old.file_present()  # /x/g.gguf does not exist
     # Opening again changes nothing.
     assert ModelCatalog(path).schema_version() == SCHEMA_VERSION

@@ -28,6 +28,7 @@ PUBLIC = {
     "LEVELS": "events",
     "narrate": "narrate",
     "narration_context": "narrate",
+    "outside_jobs": "narrate",
     "current_job_id": "narrate",
     "current_correlation_id": "narrate",
     "set_process_sink": "narrate",
