@@ -94,6 +94,13 @@ def ip_command() -> str:
     # sbin is not on every PATH (sudo, a login shell of a plain user): look there too.
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     found = shutil.which("ip", path=search)
+    if found is None and shutil.which("apt-get"):
+        # A fresh Debian machine may lack it: install it as the sshd fixture installs sshd.
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "iproute2"],
+                       env=env, capture_output=True, check=False)
+        found = shutil.which("ip", path=search)
     if found is None:
         raise NetnsUnavailable(
             "the netns test bed needs iproute2's `ip` command, which is not installed;"

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import InvalidRequestError, NodeExistsError, NotFoundError, StateError
 from ..paths import set_aside, sqlite_is_corrupt, sqlite_state_error
@@ -209,13 +209,13 @@ class NodeRegistry:
         return db
 
     def list(self) -> list[Node]:
-        """Every node, ``localhost`` first, then by name."""
+        """Every node, ``localhost`` first, then by name (``by_name``: host2 before host10)."""
         db = self._connect()
         try:
-            rows = db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
+            rows = db.execute("SELECT * FROM nodes").fetchall()
         finally:
             db.close()
-        return [self.localhost] + [_row_to_node(r) for r in rows]
+        return [self.localhost] + by_name(_row_to_node(r) for r in rows)
 
     def get(self, name: str) -> Node:
         """The node called ``name``; ``NotFoundError`` naming the fix when unknown."""
@@ -303,10 +303,18 @@ def read_nodes(db_path: Path, *, local_hive_command: str = DEFAULT_HIVE_COMMAND)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA query_only=ON")
         tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'nodes'").fetchall()
-        rows = db.execute("SELECT * FROM nodes ORDER BY name").fetchall() if tables else []
+        rows = db.execute("SELECT * FROM nodes").fetchall() if tables else []
     finally:
         db.close()
-    return [localhost] + [_row_to_node(r) for r in rows]
+    return [localhost] + by_name(_row_to_node(r) for r in rows)
+
+
+def by_name(nodes: Iterable[Node]) -> list[Node]:
+    """Nodes in the order a person expects: numbers in names by value (host2 before host10)."""
+    def key(node: Node) -> list[tuple[int, int | str]]:
+        return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", node.name) if part]
+
+    return sorted(nodes, key=key)
 
 
 def _row_to_node(row: sqlite3.Row) -> Node:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from rbee.errors import InvalidRequestError, NotFoundError, StateError
+from rbee.errors import InvalidRequestError, NodeExistsError, NotFoundError, StateError
 from rbee.queen.asyncio_bridge import AsyncioBridge
-from rbee.queen.nodes import LOCALHOST, Node, NodeRegistry, validate_node_fields
+from rbee.queen.nodes import LOCALHOST, Node, NodeRegistry, read_nodes, validate_node_fields
 from rbee.errors import NodeUnreachableError
 from rbee.queen.ssh import probe_node
 
@@ -41,6 +41,19 @@ def test_put_get_list_remove_survive_reopening(tmp_path: Path) -> None:
         again.get("mac")
     with pytest.raises(NotFoundError):
         again.remove("mac")
+
+
+def test_nodes_are_listed_as_a_person_counts_and_a_host_or_name_is_taken_once(tmp_path: Path) -> None:
+    registry = NodeRegistry(tmp_path / "nodes.db")
+    for i in (10, 2, 1):
+        registry.put(Node(name=f"host{i}", ssh_host=f"10.0.0.{i}", rbee_hive_command="rbee-hive"))
+    assert [n.name for n in registry.list()] == [LOCALHOST, "host1", "host2", "host10"]
+    assert [n.name for n in read_nodes(tmp_path / "nodes.db")] == [LOCALHOST, "host1", "host2", "host10"]
+    with pytest.raises(NodeExistsError, match="node host2 already exists .*remove-node host2"):
+        registry.check_new(Node(name="host2", ssh_host="10.0.0.99"))
+    with pytest.raises(NodeExistsError, match="10.0.0.2:22 is already node host2: one machine is one node"):
+        registry.check_new(Node(name="twin", ssh_host="10.0.0.2"))
+    registry.check_new(Node(name="twin", ssh_host="10.0.0.2", ssh_port=2222))  # another sshd: another node
 
 
 @pytest.mark.parametrize(

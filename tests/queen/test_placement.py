@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.errors import BackendUnavailableError
+from rbee.errors import BackendUnavailableError, NodeUnreachableError
 from rbee.queen.placement import NodeView, place
 
 LOCAL = NodeView("localhost", running=False, backends=None, is_local=True)
@@ -56,3 +56,16 @@ def test_a_backend_only_another_node_has_starts_that_node() -> None:
 def test_no_node_with_the_backend_is_one_clear_error() -> None:
     with pytest.raises(BackendUnavailableError, match="no node offers the metal backend"):
         place([LOCAL, view("blep")], backend="metal")
+
+
+def test_an_unreachable_node_is_left_out_until_it_answers_again() -> None:
+    lost = view("host4", loaded=True, free_slots=4, reachable=False)
+    choice = place([view("localhost", is_local=True, on_disk=False), view("host1", on_disk=True), lost])
+    assert choice.node == "host1" and "disk" in choice.reason
+    assert place([view("host1", on_disk=True), view("host4", loaded=True, free_slots=4)]).node == "host4"
+
+
+def test_when_every_node_with_the_backend_is_unreachable_the_error_says_so() -> None:
+    gpu = NodeView("gpu1", running=False, backends=("cpu", "cuda"), reachable=False)
+    with pytest.raises(NodeUnreachableError, match=r"every node with the cuda backend is unreachable now \(gpu1\)"):
+        place([LOCAL, gpu], backend="cuda")
