@@ -94,6 +94,9 @@ def test_four_hosts_one_cut_off_mid_job(rbee_home: Path, netns_cluster) -> None:
         time.sleep(1.0)  # tokens flow
         victim_rbee = rbee_on(bed, victim)
         assert len(victim_rbee) >= 2, "host4 should run a hive and a worker"
+        # The queen started the hive to stop on a silent queen, and to end a stale hive first.
+        hive_lines = [_cmdline(p) for p in victim_rbee if "rbee-hive" in _cmdline(p)]
+        assert hive_lines and all("--heartbeat-timeout 4 --replace-stale" in c for c in hive_lines), hive_lines
         bed.cut(victim)
         cut_at = time.monotonic()
 
