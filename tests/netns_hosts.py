@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.processes import RbeeProcess, pid_alive, wait_gone
-from tests.sshd import SSHD, _keygen as keygen, ensure_sshd_installed
+from tests.sshd import SSHD, ensure_sshd_installed, keygen, sshd_config
 
 #: Where each run records its tag and owner (tmpfs: gone at reboot, with the namespaces).
 REGISTRY = Path("/run/rbee-netns")
@@ -401,23 +401,8 @@ class NetnsCluster:
         host_key = folder / "host_ed25519"
         keygen(host_key)
         config = folder / "sshd_config"
-        config.write_text("\n".join([
-            f"ListenAddress {address}",
-            f"Port {SSH_PORT}",
-            f"HostKey {host_key}",
-            "PidFile none",
-            f"AuthorizedKeysFile {self.root / 'ssh' / 'authorized_keys'}",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password",
-            "StrictModes no",
-            "UsePAM no",
-            f"SetEnv HOME={home}",
-            "AllowTcpForwarding yes",
-            "LogLevel ERROR",
-            "",
-        ]))
+        config.write_text(sshd_config(address=address, port=SSH_PORT, host_key=host_key, pid_file="none",
+                                      authorized_keys=self.root / "ssh" / "authorized_keys", home=home))
         command = shlex.join([
             "env", f"RBEE_HOME={rbee_home}", f"RBEE_MODEL_DIRS={self.models_dir}", str(bin_dir / "rbee-hive"),
         ])

@@ -69,6 +69,31 @@ def ensure_sshd_installed() -> None:
             POLICY_RC_D.unlink(missing_ok=True)
 
 
+def sshd_config(*, address: str, port: int, host_key: Path, pid_file: Path | str, authorized_keys: Path,
+                home: Path, accept_env: tuple[str, ...] = ()) -> str:
+    """An ``sshd_config`` for a test sshd: one host key, public-key login only with the
+    keys of ``authorized_keys`` (root included), no PAM, sessions with HOME=``home``, TCP
+    forwarding on (the queen forwards to the hive's port), errors only in the log."""
+    return "\n".join([
+        f"ListenAddress {address}",
+        f"Port {port}",
+        f"HostKey {host_key}",
+        f"PidFile {pid_file}",
+        f"AuthorizedKeysFile {authorized_keys}",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PubkeyAuthentication yes",
+        "PermitRootLogin prohibit-password",
+        "StrictModes no",
+        "UsePAM no",
+        *(f"AcceptEnv {name}" for name in accept_env),
+        f"SetEnv HOME={home}",
+        "AllowTcpForwarding yes",
+        "LogLevel ERROR",
+        "",
+    ])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -76,7 +101,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _keygen(path: Path) -> None:
+def keygen(path: Path) -> None:
+    """A new ed25519 key pair without a passphrase at ``path`` (and ``path``.pub)."""
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
@@ -102,34 +128,14 @@ def sshd_server(tmp_path: Path) -> Iterator[SshdServer]:
     home = root / "home"  # the remote user's HOME: what the queen leaves on a node lands here
     home.mkdir()
     host_key, user_key = root / "host_ed25519", root / "user_ed25519"
-    _keygen(host_key)
-    _keygen(user_key)
+    keygen(host_key)
+    keygen(user_key)
     authorized = root / "authorized_keys"
     shutil.copy(user_key.with_suffix(".pub"), authorized)
     port = free_port()
     config = root / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                "ListenAddress 127.0.0.1",
-                f"Port {port}",
-                f"HostKey {host_key}",
-                f"PidFile {root / 'sshd.pid'}",
-                f"AuthorizedKeysFile {authorized}",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "PermitRootLogin prohibit-password",
-                "StrictModes no",
-                "UsePAM no",
-                "AcceptEnv RBEE_HOME",
-                f"SetEnv HOME={home}",
-                "AllowTcpForwarding yes",
-                "LogLevel ERROR",
-                "",
-            ]
-        )
-    )
+    config.write_text(sshd_config(address="127.0.0.1", port=port, host_key=host_key, pid_file=root / "sshd.pid",
+                                  authorized_keys=authorized, home=home, accept_env=("RBEE_HOME",)))
     host_public = host_key.with_suffix(".pub").read_text().split()
     known_hosts = root / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {host_public[0]} {host_public[1]}\n")

@@ -66,9 +66,12 @@ def read_sse(url: str, *, until: Callable[[Event], bool] | None = None, seconds:
 
 @contextlib.contextmanager
 def running_hive(env: dict[str, str] | None = None, *, stdin: Any = subprocess.DEVNULL,
-                 args: tuple[str, ...] = ()) -> Iterator[Hive]:
-    """Start a hive on a free port; at the end stop it by PID and check no worker is left."""
-    proc = RbeeProcess([program("rbee-hive"), "daemon", "--port", "0", *args], env=env, stdin=stdin)
+                 args: tuple[str, ...] = (),
+                 wrap: Callable[[list[str]], list[str]] = lambda argv: argv) -> Iterator[Hive]:
+    """Start a hive on a free port; at the end stop it by PID and check no worker is left.
+
+    ``wrap`` turns the hive's command line into the one to run (a namespace around it)."""
+    proc = RbeeProcess(wrap([program("rbee-hive"), "daemon", "--port", "0", *args]), env=env, stdin=stdin)
     hive: Hive | None = None
     try:
         url = proc.bound_url(seconds=60)

@@ -21,7 +21,6 @@ import pytest
 from rbee.hive.embedded import assemble_embedded, embedded_file_name, embedded_sha256, embedded_size
 from rbee.narration.events import Done, NarrationEvent
 from tests.hive.conftest import Hive, running_hive
-from tests.processes import RbeeProcess, children_of, pid_alive, program, wait_gone
 from tests.worker.workers import COUNTING_PROMPT, infer
 
 pytestmark = pytest.mark.model
@@ -54,23 +53,13 @@ def _read_only(folder: Path, argv: list[str]) -> list[str]:
 def shared_hive(home: Path, folder: Path) -> Iterator[Hive]:
     """A hive with its own ``RBEE_HOME`` and ``folder`` (read-only) as its RBEE_MODEL_DIRS."""
     home.mkdir(exist_ok=True)
-    argv = _read_only(folder, [program("rbee-hive"), "daemon", "--port", "0"])
-    proc = RbeeProcess(argv, env={"RBEE_HOME": str(home), "RBEE_MODEL_DIRS": str(folder)})
-    hive: Hive | None = None
-    try:
-        hive = Hive(proc, proc.bound_url(seconds=60))
-        proc.wait_for_action("hive_ready", 30)
+    with running_hive({"RBEE_HOME": str(home), "RBEE_MODEL_DIRS": str(folder)},
+                      wrap=lambda argv: _read_only(folder, argv)) as hive:
         # The hive really sees the folder read-only (mountinfo: mount point, then options).
-        mounts = [line.split() for line in Path(f"/proc/{proc.pid}/mountinfo").read_text().splitlines()]
+        mounts = [line.split() for line in Path(f"/proc/{hive.proc.pid}/mountinfo").read_text().splitlines()]
         assert any(m[4] == os.path.realpath(folder) and "ro" in m[5].split(",") for m in mounts)
         yield hive
-    finally:
-        kids = children_of(proc.pid) if pid_alive(proc.pid) else []
-        if hive is not None:
-            hive.http.close()
-        proc.stop(grace=20)
-        assert wait_gone(kids, 10) == [], f"processes of the hive left behind: {kids}"
-    assert "Traceback" not in proc.stderr_text()
+    assert "Traceback" not in hive.proc.stderr_text()
 
 
 def _provide(hive: Hive, model: str = "gemma3-270m") -> str:

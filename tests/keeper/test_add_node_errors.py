@@ -7,11 +7,11 @@ the ``rbee-hive`` command is missing.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from tests.processes import RbeeProcess, program
 from tests.queen.support import dead_url, keeper_env, wait_no_rbee_processes
+from tests.sshd import keygen
 
 
 def _keeper(home: Path, url: str, *args: str) -> RbeeProcess:
@@ -45,7 +45,7 @@ def test_add_node_refusals_are_one_line_each(rbee_home: Path, sshd_server, tmp_p
         assert f"{s.host}:{s.port} is already node blep" in twin and "one machine is one node" in twin
 
         stranger = tmp_path / "stranger_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+        keygen(stranger)
         # Another name and port form for the same sshd would be refused as a twin; a key
         # check needs a host not yet known, so blep goes first.
         assert _keeper(rbee_home, url, "setup", "remove-node", "blep").wait(60) == 0
