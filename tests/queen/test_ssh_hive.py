@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import program
+from tests.processes import RbeeProcess, program, wait_gone
 from tests.queen.support import rbee_processes, start_queen, wait_no_rbee_processes
 
 pytestmark = pytest.mark.sshd
@@ -83,3 +83,39 @@ def test_the_ssh_hive_lives_as_long_as_the_queen(rbee_home: Path, sshd_server, h
         assert httpx.delete(f"{again_url}/v1/nodes/blep").status_code == 404
     finally:
         again.stop()
+
+
+def test_a_hive_left_by_a_queen_that_went_silent_is_ended_by_the_next_hive_there(
+        rbee_home: Path, sshd_server, tmp_path: Path) -> None:
+    # Queen A starts the node's hive, then hangs (SIGSTOP): its TCP connection stays up, so
+    # neither EOF nor a reset reaches the hive, and its heartbeat timeout (60 s) is far
+    # off. Queen B, reaching the same node, must not leave a second hive beside it.
+    node_home = tmp_path / "node-home"
+    hive_command = f"env RBEE_HOME={node_home} {program('rbee-hive')}"
+    second_home = tmp_path / "second-queen"
+    second_home.mkdir()
+    first = start_queen(rbee_home, "--hive-heartbeat-timeout", "60")
+    second: RbeeProcess | None = None
+    try:
+        url = first.bound_url()
+        assert add_node(url, rbee_home, sshd_server, rbee_hive_command=hive_command).status_code == 201
+        assert httpx.get(f"{url}/v1/nodes/blep/models", timeout=120).status_code == 200
+        stale = rbee_processes(node_home)
+        assert len(stale) == 1, "one hive runs on the node"
+        first.signal(signal.SIGSTOP)
+
+        second = start_queen(second_home)
+        second_url = second.bound_url()
+        assert add_node(second_url, second_home, sshd_server, rbee_hive_command=hive_command).status_code == 201
+        assert httpx.get(f"{second_url}/v1/nodes/blep/models", timeout=120).status_code == 200
+        said = second.wait_for_action("stale_hive", 30)
+        assert f"pid {stale[0]}" in said["human"] and said["outcome"] == "stopped with its workers"
+        assert wait_gone(stale, 10) == []
+        assert len(rbee_processes(node_home)) == 1  # the second queen's hive alone
+    finally:
+        first.signal(signal.SIGCONT)
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert not wait_no_rbee_processes(node_home, 20)
+    assert not wait_no_rbee_processes(rbee_home, 20) and not wait_no_rbee_processes(second_home, 20)
