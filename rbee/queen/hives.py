@@ -7,6 +7,10 @@ moment: the job that is starting the hive (so its startup narration reaches that
 stream, in order), a job that is waiting for a spawn (download progress), and otherwise the
 queen's own process sink. One lock per node makes concurrent jobs share one start.
 
+A node whose SSH connection cannot be made or is lost (keep-alives unanswered: see
+``ssh.py``) goes into ``unreachable`` with the reason: placement skips it, and the queen
+knocks on its SSH port until it answers; a hive that starts there clears it.
+
 Shutdown order (``stop_all``): EOF on the hive's stdin (pipe for a child, the SSH channel
 for a remote hive); the hive shuts its workers down and exits; SIGTERM/SIGKILL for a local
 hive that does not, after a grace period.
@@ -62,8 +66,6 @@ class Hive:
         self._last_lines: list[str] = []
         #: The hive's own last error narration (why it stopped, in its words), if any.
         self.said_error: str | None = None
-        #: Set (before ``exited``) when the hive was lost with its node's network: why.
-        self.lost: str | None = None
 
     def relay(self, event: Event) -> None:
         """Hand one event of the hive's stdout to whoever listens (else the queen's stdout)."""
@@ -304,9 +306,9 @@ class HiveManager:
                 self._nursery.start_soon(self._drain_stderr, hive, hive.ssh.read_stderr)
                 await self._pump(hive, hive.ssh.read_stdout, task_status)
         finally:
+            # Said before ``exited`` is set: whoever wakes on it finds the node marked.
             lost = hive.ssh.unreachable() if hive.ssh is not None and hive.ready.is_set() else None
             if lost is not None:
-                hive.lost = lost
                 self._mark_unreachable(node, lost)
             hive.exited.set()
             with trio.CancelScope(shield=True):
