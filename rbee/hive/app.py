@@ -2,7 +2,8 @@
 
 - ``GET /v1/health`` (also ``/health``): no token needed.
 - ``GET /openapi.json``: this API as an OpenAPI 3.1 document (``rbee.openapi``); no token needed.
-- ``GET /v1/detect``: the node's backends and devices (``rbee-hive detect``'s JSON).
+- ``GET /v1/detect``: the node's backends and devices (``rbee-hive detect``'s JSON), measured
+  at each call (free memory and disk change as workers and models come and go).
 - ``GET /v1/workers`` -> ``{"workers": [{worker_id, url, state, model_ref, sha256, backend,
   device, pid, ctx_size, slots: {total, busy}, memory_bytes, idle_timeout_s, api_key}]}``;
   ``state`` is ``loading``, ``idle``, ``busy``, ``full`` or ``stopping``. ``api_key`` is an
@@ -40,6 +41,7 @@ import sys
 import traceback
 from typing import Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -48,6 +50,7 @@ from ..narration import narrate
 from ..openapi import HIVE, OPENAPI_PATH, served_document
 from .auth import check_request
 from .config import ACTOR
+from .detect import detect_node
 from .eventlog import sse_body
 from .events import sse_body as worker_events_body
 from .service import HiveState
@@ -76,6 +79,8 @@ def create_app(state: HiveState) -> QuartTrio:
 
     @app.get("/v1/detect")
     async def detect() -> dict[str, Any]:
+        # Measured now, and kept: a spawn's backend check reads the same facts.
+        state.node = await trio.to_thread.run_sync(detect_node)
         return state.node
 
     @app.get("/v1/workers")

@@ -6,10 +6,11 @@ on it, and the models on its disk. Sources, and what each costs:
 
 - the node registry (``state.nodes``) and the scheduler's worker records: in memory;
 - ``state.hives.unreachable``: why the queen could not reach a node (read, never written);
-- the facts of a running hive (``hive.facts``, its ``GET /v1/detect`` at start), else the
-  ``detect`` cached in the registry when the node was added (none for ``localhost``);
-- the models on disk: each running hive's ``GET /v1/models``, asked in parallel, each
-  bounded by ``HIVE_ANSWER_S``; a hive that does not answer in time is said as such.
+- each running hive, asked in parallel, each bounded by ``HIVE_ANSWER_S`` (a hive that
+  does not answer in time is said as such): its facts measured now (``GET /v1/detect``:
+  free memory and disk; kept as ``hive.facts``, so placement ranks by them too) and the
+  models on its disk (``GET /v1/models``); else the ``detect`` cached in the registry when
+  the node was added (none for ``localhost``);
 
 Nothing is started to answer: a node without a running hive shows what the registry knows,
 its models unknown (``null``). Reachable: ``true`` when its hive answered just now,
@@ -107,8 +108,10 @@ def offline_status(nodes: Iterable[Node], local_models: list[dict[str, Any]] | N
     return {"nodes": [node_status(n, models=local_models if n.is_local else None) for n in nodes]}
 
 
-async def _ask_models(hive: "Hive", answers: dict[str, Any]) -> None:
-    """``answers[node] = [catalog entries]`` or the one line why the hive did not answer."""
+async def _ask_hive(hive: "Hive", answers: dict[str, Any]) -> None:
+    """``answers[node] = [catalog entries]`` or the one line why the hive did not answer;
+    the hive's facts (free memory, disk) are measured again on the way, and kept for
+    placement."""
     import trio
 
     from ..errors import RbeeError
@@ -117,6 +120,7 @@ async def _ask_models(hive: "Hive", answers: dict[str, Any]) -> None:
     answers[name] = f"rbee-hive on node {name} did not answer within {HIVE_ANSWER_S:g} s"
     with trio.move_on_after(HIVE_ANSWER_S):
         try:
+            facts = await hive.request("GET", "/v1/detect")
             listing = await hive.request("GET", "/v1/models")
         except RbeeError as exc:
             answers[name] = exc.message
@@ -124,6 +128,8 @@ async def _ask_models(hive: "Hive", answers: dict[str, Any]) -> None:
         except ValueError as exc:  # not JSON: a hive of another kind, or a broken one
             answers[name] = f"rbee-hive on node {name} answered something that is not its model list ({exc})"
             return
+        if isinstance(facts, dict):
+            hive.facts = facts
         models = listing.get("models") if isinstance(listing, dict) else listing
         answers[name] = [m for m in models or [] if isinstance(m, dict)]
 
@@ -138,7 +144,7 @@ async def cluster_status(state: "QueenState") -> dict[str, Any]:
     answers: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         for hive in hives.values():
-            nursery.start_soon(_ask_models, hive, answers)
+            nursery.start_soon(_ask_hive, hive, answers)
     workers = public_workers(state.scheduler)
     unreachable = dict(state.hives.unreachable)  # another task may change it meanwhile
     entries = []
