@@ -63,6 +63,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests.processes
+
+from tests.processes import json_objects  # noqa: E402
+
 BIN = Path(sys.executable).parent
 MODEL = "gemma3-270m"
 PROMPT = "write a short story about a bee"
@@ -201,6 +205,8 @@ class Keeper:
         self.pid = self.proc.pid
         self.chunks = 0
         self.stdout = bytearray()
+        #: When the first piece of the answer arrived (``time.monotonic()``).
+        self.first_stdout_at: float | None = None
         self.stderr_lines: list[str] = []
         self.exited_at: float | None = None
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
@@ -211,6 +217,8 @@ class Keeper:
     def _read_stdout(self) -> None:
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         while data := os.read(fd, 65536):
+            if self.first_stdout_at is None:
+                self.first_stdout_at = time.monotonic()
             self.stdout += data
             self.chunks += 1
 
@@ -219,16 +227,7 @@ class Keeper:
             self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.stderr_lines):
-            if line.startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict):
-                    out.append(obj)
-        return out
+        return json_objects(self.stderr_lines)
 
     def saw(self, *, action: str | None = None, type_: str | None = None) -> dict[str, Any] | None:
         for e in self.events():
@@ -245,6 +244,25 @@ class Keeper:
     def finish(self) -> None:
         for t in self._threads:
             t.join(timeout=5)
+
+    def wait(self, seconds: float) -> int | None:
+        """Wait up to ``seconds`` for the keeper to exit; its exit code, or None."""
+        try:
+            self.proc.wait(timeout=max(0.0, seconds))
+        except subprocess.TimeoutExpired:
+            return None
+        code = self.poll()
+        self.finish()
+        return code
+
+    def stop(self) -> None:
+        """End it by PID if it still runs: SIGINT (the keeper cancels its job), SIGKILL."""
+        for signum in (signal.SIGINT, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
+            os.kill(self.pid, signum)
+            self.wait(5.0)
+        self.wait(5.0)
 
 
 # --- one run ---------------------------------------------------------------------------------

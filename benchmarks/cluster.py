@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
@@ -47,7 +46,6 @@ import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from collections import deque  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -55,7 +53,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 from tests.netns_hosts import Host, NetnsCluster, NetnsUnavailable  # noqa: E402
-from tests.processes import wait_gone  # noqa: E402
+from benchmarks.chaos import Keeper  # noqa: E402
+from tests.processes import json_objects, wait_gone  # noqa: E402
 from tests.queen.support import rbee_processes  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -96,76 +95,16 @@ def ratio(value: float | None, goal: float) -> str:
     return f"{value / goal:.2f}x goal: {'met' if value <= goal else 'MISSED'}"
 
 
-class KeeperRun:
-    """One ``rbee-keeper`` process: when its stdout first gave bytes (a token), its stderr
-    lines with the moment each arrived (``--narration json``: one JSON object a line)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, start_new_session=True)
-        self.pid = self.proc.pid
-        self.stdout = bytearray()
-        self.first_stdout_at: float | None = None
-        self.stderr_lines: list[tuple[float, str]] = []
-        self.exited_at: float | None = None
-        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _read_stdout(self) -> None:
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
-        while data := os.read(fd, 65536):
-            if self.first_stdout_at is None:
-                self.first_stdout_at = time.monotonic()
-            self.stdout += data
-
-    def _read_stderr(self) -> None:
-        for raw in self.proc.stderr:  # type: ignore[union-attr]
-            self.stderr_lines.append((time.monotonic(), raw.decode("utf-8", "replace").rstrip("\r\n")))
-
-    def stderr_text(self) -> str:
-        return "\n".join(line for _, line in self.stderr_lines)
-
-    def failure_line(self) -> str:
-        """What the keeper said about its failure: its ``Failed: ...`` summary or an
-        ``Error: ...`` line (the last one), else its last line."""
-        said = []
-        for _, line in self.stderr_lines:
-            text = line
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict) or event.get("level") != "error":
-                    continue
-                text = str(event.get("human", ""))
-            if text.startswith(("Failed:", "Error:")) or line.startswith("{"):
-                said.append(text)
-        return said[-1] if said else (self.stderr_lines[-1][1] if self.stderr_lines else "")
-
-    def wait(self, seconds: float) -> int | None:
-        """Wait up to ``seconds`` for the keeper to exit; its exit code, or None."""
-        try:
-            code = self.proc.wait(timeout=max(0.0, seconds))
-        except subprocess.TimeoutExpired:
-            return None
-        if self.exited_at is None:
-            self.exited_at = time.monotonic()
-        for t in self._threads:
-            t.join(timeout=5)
-        return code
-
-    def stop(self) -> None:
-        """End it by PID if it still runs: SIGINT (the keeper cancels its job), SIGKILL."""
-        for signum, grace in ((signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
-            if self.proc.poll() is not None:
-                break
-            os.kill(self.pid, signum)
-            self.wait(grace)
-        self.wait(5.0)
+def failure_line(run: Keeper) -> str:
+    """What a keeper said about its failure, the last of: an error event of its
+    ``--narration json``, a ``Failed: ...`` or ``Error: ...`` line; else its last line."""
+    said = []
+    for line in run.stderr_lines:
+        if line.startswith("{"):
+            said += [str(e.get("human", "")) for e in json_objects([line]) if e.get("level") == "error"]
+        elif line.startswith(("Failed:", "Error:")):
+            said.append(line)
+    return said[-1] if said else (run.stderr_lines[-1] if run.stderr_lines else "")
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, float]:
@@ -342,7 +281,7 @@ def scheduling(decisions: int, figures: Figures, seed: int) -> None:
 
 
 def lost_host(bed: NetnsCluster, host: Host, env: dict[str, str], figures: Figures) -> None:
-    run = KeeperRun(keeper("infer", "--node", host.name, "--model", MODEL, "--prompt", LONG_PROMPT,
+    run = Keeper(keeper("infer", "--node", host.name, "--model", MODEL, "--prompt", LONG_PROMPT,
                            "--max-tokens", "400", "--temperature", "0", "--narration", "json"), env)
     try:
         deadline = time.monotonic() + FIRST_TOKEN_LIMIT_S
@@ -351,7 +290,7 @@ def lost_host(bed: NetnsCluster, host: Host, env: dict[str, str], figures: Figur
         if run.first_stdout_at is None:
             code = run.wait(1.0)
             print(f"4. lost host: not measured: the job on {host.name} never streamed"
-                  f" (exit {code}): {run.failure_line()}", flush=True)
+                  f" (exit {code}): {failure_line(run)}", flush=True)
             return
         bed.cut(host)
         cut_at = time.monotonic()
@@ -361,7 +300,7 @@ def lost_host(bed: NetnsCluster, host: Host, env: dict[str, str], figures: Figur
                   f" {LOST_HOST_LIMIT_S:.0f} s later; {ratio(None, LOST_HOST_GOAL_S)}", flush=True)
             return
         seconds = (run.exited_at or time.monotonic()) - cut_at
-        said = run.failure_line()
+        said = failure_line(run)
         if code == 0:
             print(f"4. lost host: not measured: the job on {host.name} ended whole {seconds:.2f} s after"
                   " the cut (the answer was done before the cut took effect)", flush=True)

@@ -11,15 +11,10 @@ same conversation.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import signal
-import struct
 import subprocess
-import termios
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +22,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.processes import RbeeProcess, json_objects, pid_alive, program
+from tests.keeper.terminal import PtyProgram
+from tests.processes import RbeeProcess, json_objects, program
 from tests.queen.support import keeper_env, rbee_processes, wait_no_rbee_processes
 
 pytestmark = pytest.mark.model
@@ -37,55 +33,18 @@ PROMPT = ">>> "
 CHAT_ARGS = ["--model", MODEL, "--temperature", "0", "--narration", "json"]
 
 
-class TerminalKeeper:
-    """``rbee-keeper`` with a pseudo-terminal as its stdin and stdout (and controlling
-    terminal: ``\\x03`` typed there is a SIGINT from the terminal, as Ctrl-C is), and its
-    stderr on a pipe (the narration, JSON lines)."""
+class TerminalKeeper(PtyProgram):
+    """``rbee-keeper`` on a pseudo-terminal (``tests/keeper/terminal.py``), its narration
+    (JSON lines) on the stderr pipe."""
 
     def __init__(self, home: Path, queen_url: str | None, *args: str) -> None:
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-        env = {**os.environ, **keeper_env(home, queen_url), "TERM": "xterm"}
-        self.proc = subprocess.Popen(
-            [program("rbee-keeper"), *args], stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env,
-            start_new_session=True,  # a session of its own, whose controlling terminal is the pty:
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509
-        )
-        os.close(slave)
-        self.master = master
-        self.screen = ""  # everything written to the terminal
-        self.stderr_lines: list[str] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._read_screen, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _read_screen(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:  # EIO: the other side is closed
-                return
-            if not data:
-                return
-            with self._lock:
-                self.screen += data.decode("utf-8", "replace")
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self._lock:
-                self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def type(self, text: str) -> None:
-        os.write(self.master, text.encode())
+        super().__init__([program("rbee-keeper"), *args], {**os.environ, **keeper_env(home, queen_url), "TERM": "xterm"})
 
     def wait_screen(self, needle: str, after: int, seconds: float = 120.0) -> int:
         """Wait until ``needle`` is on the screen after offset ``after``; its end offset."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            with self._lock:
+            with self.changed:
                 found = self.screen.find(needle, after)
                 if found >= 0:
                     return found + len(needle)
@@ -99,7 +58,7 @@ class TerminalKeeper:
         """Wait until ``chars`` characters of an answer are on the screen after ``at``."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            with self._lock:
+            with self.changed:
                 if len(self.screen[at:].strip()) >= chars:
                     return
             if self.proc.poll() is not None:
@@ -108,7 +67,7 @@ class TerminalKeeper:
         raise AssertionError(f"no answer on screen after {at}: {self.screen[at:]!r}")
 
     def events(self) -> list[dict[str, Any]]:
-        with self._lock:
+        with self.changed:
             lines = list(self.stderr_lines)
         return json_objects(lines)
 
@@ -124,25 +83,6 @@ class TerminalKeeper:
                 break
             time.sleep(0.05)
         raise AssertionError(f"fewer than {count} {kind!r} events; stderr: {self.stderr_text()[-3000:]}")
-
-    def stderr_text(self) -> str:
-        with self._lock:
-            return "\n".join(self.stderr_lines)
-
-    def wait(self, seconds: float) -> int:
-        code = self.proc.wait(timeout=seconds)
-        for t in self._threads:
-            t.join(timeout=5)
-        return code
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        os.close(self.master)
-        for t in self._threads:
-            t.join(timeout=5)
-        assert not pid_alive(self.proc.pid)
 
 
 @pytest.fixture

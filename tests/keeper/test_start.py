@@ -14,21 +14,18 @@ with ``import`` statements: the tests wait for those.)
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import termios
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.processes import pid_alive, program
+from tests.keeper.terminal import PtyProgram
+from tests.processes import program
 from tests.queen.support import keeper_env, rbee_processes, wait_no_rbee_processes
 
 #: What a command line that does no work must not import (each ~0.05 to 0.35 s).
@@ -89,68 +86,25 @@ def test_help_imports_nothing_heavy(rbee_home: Path, args: list[str]) -> None:
     assert list(rbee_home.iterdir()) == []  # nothing written, nothing started
 
 
-class ImportWatchedKeeper:
-    """``rbee-keeper`` run by ``python -X importtime`` on a pseudo-terminal (stdin, stdout
-    and controlling terminal: ``\\x03`` typed there is the terminal's SIGINT, as Ctrl-C is),
-    its stderr on a pipe, read line by line as the imports finish."""
+class ImportWatchedKeeper(PtyProgram):
+    """``rbee-keeper`` run by ``python -X importtime`` on a pseudo-terminal, its stderr read
+    line by line as the imports finish."""
 
     def __init__(self, home: Path, *args: str) -> None:
-        master, slave = os.openpty()
-        env = {**os.environ, **keeper_env(home), "TERM": "xterm"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-X", "importtime", program("rbee-keeper"), *args],
-            stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env,
-            start_new_session=True,  # its own session, whose controlling terminal is the pty
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509
-        )
-        os.close(slave)
-        self.master = master
-        self.stderr_lines: list[str] = []
-        self._seen = threading.Condition()
-        self._threads = [threading.Thread(target=self._read_stderr, daemon=True),
-                         threading.Thread(target=self._drain_screen, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self._seen:
-                self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._seen.notify_all()
-
-    def _drain_screen(self) -> None:
-        while True:
-            try:
-                if not os.read(self.master, 4096):
-                    return
-            except OSError:  # EIO: the other side is closed
-                return
+        super().__init__([sys.executable, "-X", "importtime", program("rbee-keeper"), *args],
+                         {**os.environ, **keeper_env(home), "TERM": "xterm"})
 
     def wait_imported(self, module: str, seconds: float = 60.0) -> None:
         """Block until ``module``'s import has finished in the keeper."""
         deadline = time.monotonic() + seconds
-        with self._seen:
+        with self.changed:
             while not any((m := IMPORT_LINE.match(line)) and m.group(2) == module for line in self.stderr_lines):
                 left = deadline - time.monotonic()
                 assert left > 0 and self.proc.poll() is None, f"{module} never imported: {self.stderr_lines[-20:]}"
-                self._seen.wait(min(left, 0.2))
+                self.changed.wait(min(left, 0.2))
 
     def ctrl_c(self) -> None:
-        os.write(self.master, b"\x03")
-
-    def wait(self, seconds: float) -> int:
-        code = self.proc.wait(timeout=seconds)
-        for t in self._threads:
-            t.join(timeout=5)
-        return code
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        os.close(self.master)
-        assert not pid_alive(self.proc.pid)
+        self.type("\x03")
 
 
 # The moments: once the entry module has run (cyclopts' import has just begun), once
