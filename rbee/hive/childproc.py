@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..lifetime import pid_alive as _alive
 from ..lifetime import popen_dying_with_us
@@ -79,6 +79,20 @@ def is_hive(pid: int) -> bool:
     return _alive(pid) and any("rbee-hive" in a for a in _cmdline(pid)[:3])
 
 
+def _terminate(pid: int, grace_s: float, still_ours: Callable[[], bool]) -> bool:
+    """SIGTERM ``pid``, wait up to ``grace_s`` for it to go, then SIGKILL it if it is still
+    there and ``still_ours()`` (its PID not reused meanwhile); True when it had to be killed.
+    ``ProcessLookupError`` when it was gone before the SIGTERM."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid) and still_ours():
+        os.kill(pid, signal.SIGKILL)
+        return True
+    return False
+
+
 def sweep_stale_workers(directory: Path) -> list[tuple[str, int, str]]:
     """End the workers recorded by hives that are gone; returns (worker_id, pid, outcome)."""
     swept: list[tuple[str, int, str]] = []
@@ -104,15 +118,8 @@ def sweep_stale_workers(directory: Path) -> list[tuple[str, int, str]]:
             swept.append((worker_id, pid, outcome))
             path.unlink(missing_ok=True)
             continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + SWEEP_GRACE_S
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        outcome = "terminated"
-        if _alive(pid) and is_our_worker(pid, worker_id):
-            os.kill(pid, signal.SIGKILL)
-            outcome = "killed"
-        swept.append((worker_id, pid, outcome))
+        killed = _terminate(pid, SWEEP_GRACE_S, lambda: is_our_worker(pid, worker_id))
+        swept.append((worker_id, pid, "killed" if killed else "terminated"))
         path.unlink(missing_ok=True)
     return swept
 
@@ -160,13 +167,7 @@ def stop_stale_hive(run_dir: Path, grace_s: float = STALE_HIVE_GRACE_S) -> tuple
     if pid == os.getpid() or not is_hive(pid):
         return None
     try:
-        os.kill(pid, signal.SIGTERM)
+        killed = _terminate(pid, grace_s, lambda: is_hive(pid))
     except ProcessLookupError:
         return pid, "already gone"
-    deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid) and is_hive(pid):
-        os.kill(pid, signal.SIGKILL)
-        return pid, "killed"
-    return pid, "stopped with its workers"
+    return pid, "killed" if killed else "stopped with its workers"
